@@ -245,3 +245,25 @@ pub trait ApicBus {
     /// Deliver one message; returns how many vCPUs accepted it (0 if none).
     fn deliver(&mut self, msg: &InterruptMessage) -> usize;
 }
+
+/// Outcome of raising an interrupt line, as KVM's `KVM_IRQ_LINE_STATUS` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IrqStatus {
+    /// The line is masked or the interrupt was ignored (KVM: < 0).
+    Masked,
+    /// Already pending: merged with an earlier request (KVM: 0).
+    Coalesced,
+    /// Delivered to this many vCPUs (KVM: > 0; a PIC reports 1).
+    Delivered(usize),
+}
+
+impl IrqStatus {
+    /// The integer KVM reports for this outcome.
+    pub fn to_kvm(self) -> i32 {
+        match self {
+            Self::Masked => -1,
+            Self::Coalesced => 0,
+            Self::Delivered(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        }
+    }
+}
