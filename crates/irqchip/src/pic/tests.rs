@@ -600,8 +600,14 @@ fn set_irq_status_reports_masked_coalesced_delivered() {
     assert_eq!(pic.set_irq(5, true), IrqStatus::Delivered(1));
     pic.set_irq(5, false);
     assert_eq!(pic.set_irq(5, true), IrqStatus::Coalesced, "already in IRR");
+    assert_eq!(
+        pic.set_irq(5, false),
+        IrqStatus::Delivered(1),
+        "lowering, as KVM"
+    );
     pic.write_port(0xA1, 0x01);
     assert_eq!(pic.set_irq(8, true), IrqStatus::Masked);
+    assert_eq!(pic.set_irq(8, false), IrqStatus::Masked);
     assert_eq!(pic.set_irq(16, true), IrqStatus::Masked);
     assert_eq!(pic.set_irq(255, true), IrqStatus::Masked);
     assert_eq!(pic.set_irq(2, true), IrqStatus::Masked, "cascade input");
