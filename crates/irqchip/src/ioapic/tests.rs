@@ -569,6 +569,9 @@ fn deferred_redelivery_skips_a_pin_that_was_masked_meanwhile() {
 
 #[test]
 fn v20_eoi_register_at_0x40_acts_as_eoi() {
+    // The LAPIC may advertise EOI-broadcast suppression only with this.
+    assert!(IoapicVersion::V20.has_eoi_register());
+    assert!(!IoapicVersion::V11.has_eoi_register());
     let mut io = Ioapic::new(IoapicVersion::V20);
     let mut bus = RecordingBus::new();
     program(&mut io, 20, 0xC4 | LEVEL, 0, &mut bus);
