@@ -278,7 +278,8 @@ impl Channel {
             let (byte, next) = match seq {
                 ByteSeq::Lsb => (lo, None),
                 ByteSeq::Msb => (hi, None),
-                ByteSeq::WordLsb => (lo, Some(ByteSeq::WordMsb)),
+                // As KVM: after the low byte the latch reads like MSB-only.
+                ByteSeq::WordLsb => (lo, Some(ByteSeq::Msb)),
                 ByteSeq::WordMsb => (hi, None),
             };
             self.count_latched = next;

@@ -594,6 +594,28 @@ fn unmasking_pin_clears_backlog() {
 }
 
 #[test]
+fn policy_change_drops_backlog() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 11932, 0);
+    assert!(pit.advance(at_tick(11932 * 5)));
+    assert_eq!(pit.backlog(), 4);
+    pit.set_policy(LostTickPolicy::Discard);
+    assert_eq!(pit.backlog(), 0);
+    pit.irq0_acked(at_tick(11932 * 5));
+    assert_eq!(pit.next_deadline(), Some(at_tick(11932 * 6)));
+}
+
+#[test]
+fn ack_with_nothing_owed_schedules_only_the_next_expiry() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 11932, 0);
+    assert!(pit.advance(at_tick(11932)));
+    pit.irq0_acked(at_tick(11932) + 7);
+    assert_eq!(pit.next_deadline(), Some(at_tick(11932 * 2)));
+    assert!(!pit.advance(at_tick(11932) + 8));
+}
+
+#[test]
 fn periodic_timer_is_clamped_to_min_period() {
     let mut pit = Pit::new();
     program(&mut pit, 0, 2, 2, 0); // 1.7 us programmed
@@ -818,6 +840,35 @@ proptest! {
             now += dt;
             let count = latched_word(&mut pit, 0, now);
             prop_assert!((1..=reload).contains(&count), "count {} reload {}", count, reload);
+        }
+    }
+
+    #[test]
+    fn reinject_never_has_two_pulses_outstanding_and_loses_nothing(
+        reload in 1u16..=65535,
+        steps in prop::collection::vec((0u64..50_000_000, any::<bool>()), 1..100),
+    ) {
+        let mut pit = Pit::new();
+        program(&mut pit, 0, 2, reload, 0);
+        let (mut now, mut outstanding, mut delivered) = (0u64, false, 0u64);
+        for (dt, ack) in steps {
+            now += dt;
+            if ack && outstanding {
+                pit.irq0_acked(now);
+                outstanding = false;
+            }
+            if pit.advance(now) {
+                prop_assert!(!outstanding, "second pulse before the ack");
+                outstanding = true;
+                delivered += 1;
+            }
+        }
+        // Without hitting the cap, delivered + owed = expirations so far.
+        let expired = pit.irq0.expirations;
+        let cap = u64::from(pit.schedule().unwrap().backlog_cap());
+        prop_assert!(delivered + u64::from(pit.backlog()) <= expired);
+        if expired <= cap {
+            prop_assert_eq!(delivered + u64::from(pit.backlog()), expired);
         }
     }
 
