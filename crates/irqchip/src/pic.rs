@@ -266,6 +266,11 @@ impl Pic {
         }
     }
 
+    /// The interrupt mask registers, slave in bits 15:8 (bit n = IRQ n masked).
+    pub fn imr(&self) -> u16 {
+        u16::from(self.slave.imr) << 8 | u16::from(self.master.imr)
+    }
+
     /// The master's INT output (what LINT0 sees).
     pub fn output(&self) -> bool {
         self.master.pending().is_some()

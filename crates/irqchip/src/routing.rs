@@ -276,6 +276,11 @@ impl From<RoutingTable> for RoutingTableState {
 pub struct SourceId(u8);
 
 impl SourceId {
+    /// The VMM's own writes (KVM's userspace source).
+    pub const USER: SourceId = SourceId(0);
+    /// The PIT, on GSI 0.
+    pub const PIT: SourceId = SourceId(1);
+
     /// A source ID; must be below 64.
     pub fn new(id: u8) -> Result<Self, RoutingError> {
         if id < MAX_SOURCES {
