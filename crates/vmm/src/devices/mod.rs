@@ -362,6 +362,13 @@ mod tests {
     }
 
     #[test]
+    fn bus_can_be_shared_between_vcpu_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PioBus>();
+        assert_send_sync::<ConsoleLog>();
+    }
+
+    #[test]
     fn overlapping_insert_is_rejected() {
         let mut bus = PioBus::new();
         bus.insert(0x100, 8, probe().1).unwrap();
