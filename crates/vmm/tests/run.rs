@@ -104,6 +104,25 @@ fn triple_fault_guest() -> Vec<u8> {
     multiboot_elf(&code)
 }
 
+/// The BSP copies a real-mode trampoline (`out 0xf4, 0` then hlt) to
+/// 0x8000 and starts vCPU 1 there with INIT and SIPI through the LAPIC's ICR,
+/// then halts: only the AP can end the run.
+fn ap_startup_guest() -> Vec<u8> {
+    let mut code = Vec::new();
+    let mut store = |addr: u32, value: u32| {
+        code.extend_from_slice(&[0xC7, 0x05]); // mov dword [addr], value
+        code.extend_from_slice(&addr.to_le_bytes());
+        code.extend_from_slice(&value.to_le_bytes());
+    };
+    store(0x8000, u32::from_le_bytes([0xB0, 0x00, 0xE6, 0xF4]));
+    store(0x8004, u32::from_le_bytes([0xF4, 0xEB, 0xFD, 0x90]));
+    store(0xFEE0_0310, 1 << 24); // ICR high: APIC ID 1
+    store(0xFEE0_0300, 0x4500); // INIT, level assert
+    store(0xFEE0_0300, 0x4608); // SIPI, vector 0x08 -> 0x8000
+    code.extend_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt loop
+    multiboot_elf(&code)
+}
+
 fn spin_guest() -> Vec<u8> {
     multiboot_elf(&[0xEB, 0xFE]) // jmp $
 }
@@ -281,4 +300,30 @@ fn unimplemented_mode_is_bad_input_until_it_exists() {
     if o.status.code() == Some(2) {
         assert_bad_input(&o);
     }
+}
+
+#[test]
+fn ap_started_by_init_sipi_ends_the_run_in_kernel_mode() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let img = TempFile::new("ap", &ap_startup_guest());
+    let json = TempFile::new("ap-stats.json", b"");
+    let o = virq(&[
+        "run",
+        "--cpus",
+        "2",
+        "--timeout",
+        "30",
+        "--stats-json",
+        json.0.to_str().unwrap(),
+        img.0.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(&o));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json.0).unwrap()).unwrap();
+    // The BSP's ICR writes stay in KVM; the AP's debug-exit write is the
+    // only port exit.
+    assert_eq!(stats["exits_per_vcpu"][0]["io"], 0);
+    assert_eq!(stats["exits_per_vcpu"][1]["io"], 1);
 }
