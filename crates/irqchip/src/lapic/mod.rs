@@ -790,7 +790,8 @@ impl Lapic {
         self.s.clone()
     }
 
-    /// Replace the state with a validated snapshot.
+    /// Replace the state with a validated snapshot. The snapshot carries its
+    /// own [`LapicConfig`], which replaces this APIC's.
     pub fn restore(&mut self, state: &LapicState) -> Result<(), LapicError> {
         validate(state)?;
         self.s = state.clone();
