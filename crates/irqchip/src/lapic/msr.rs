@@ -78,6 +78,7 @@ impl Lapic {
             if value & !Icr::X2APIC_DEFINED != 0 {
                 return Err(RaiseGp);
             }
+            let value = value & !Icr::DELIVERY_STATUS;
             self.s.icr = value;
             effects.ipi = self.send_ipi(
                 Icr(value),

@@ -225,8 +225,13 @@ impl Icr {
     pub const LOW_WRITABLE: u32 = 0x000C_CFFF;
     /// Bits of the high half that exist in xAPIC mode.
     pub const XAPIC_HIGH_WRITABLE: u32 = 0xFF00_0000;
-    /// Bits that exist in the x2APIC ICR MSR; the rest raise #GP.
-    pub const X2APIC_DEFINED: u64 = 0xFFFF_FFFF_0000_0000 | Self::LOW_WRITABLE as u64;
+    /// Delivery status (bit 12): always reads idle.
+    pub const DELIVERY_STATUS: u64 = 1 << 12;
+    /// Bits a write to the x2APIC ICR MSR may set; the rest (13, 17:16,
+    /// 31:20) raise #GP. The delivery-status bit is accepted and dropped, as
+    /// KVM does.
+    pub const X2APIC_DEFINED: u64 =
+        0xFFFF_FFFF_0000_0000 | Self::LOW_WRITABLE as u64 | Self::DELIVERY_STATUS;
 
     /// Vector (bits 7:0).
     pub fn vector(self) -> u8 {

@@ -658,6 +658,9 @@ fn x2apic_icr_is_one_64bit_msr() {
         })
     );
     assert_eq!(l.msr_read(0x830, 0), Ok((0x1234_5678u64 << 32) | 0x842));
+    // Delivery status is accepted and reads idle.
+    l.msr_write(0x830, 0x1050, 0).unwrap();
+    assert_eq!(l.msr_read(0x830, 0), Ok(0x50));
 }
 
 #[test]
@@ -703,6 +706,8 @@ fn x2apic_reserved_bits_raise_gp() {
     assert_eq!(l.msr_write(0x83E, 0x4, 0), Err(RaiseGp)); // TDCR bit 2
     assert_eq!(l.msr_write(0x837, 0x100, 0), Err(RaiseGp)); // LVT error mode
     assert_eq!(l.msr_write(0x830, 1 << 13, 0), Err(RaiseGp)); // ICR bit 13
+    assert_eq!(l.msr_write(0x830, 1 << 16, 0), Err(RaiseGp)); // ICR bit 16
+    assert_eq!(l.msr_write(0x830, 1 << 20, 0), Err(RaiseGp)); // ICR bit 20
     assert_eq!(l.msr_write(0x80F, 0x11FF, 0), Err(RaiseGp)); // SVR bit 12 without directed EOI
     assert_eq!(l.msr_read(0x808, 0), Ok(0));
 }
