@@ -13,10 +13,12 @@
 //! - [`msi`]: decoding MSI address/data into APIC bus messages;
 //! - [`delivery`]: APIC bus messages and destination resolution;
 //! - [`routing`]: the GSI routing table and per-source line levels;
-//! - [`inject`]: which event a vCPU takes next, given its interruptibility.
+//! - [`inject`]: which event a vCPU takes next, given its interruptibility;
+//! - [`chipset`]: all of the above wired together as on the board.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod chipset;
 pub mod delivery;
 pub mod inject;
 pub mod ioapic;

@@ -1,0 +1,459 @@
+//! The chipset driven the way a guest drives a PC: through ports, MMIO and
+//! MSRs, with the caller's clock.
+
+use super::*;
+use crate::inject::{decide, Interruptibility};
+use crate::lapic::APIC_BASE_DEFAULT;
+use crate::pit::LostTickPolicy;
+
+const LAPIC: u64 = APIC_BASE_DEFAULT;
+const EOI: u64 = LAPIC + 0xB0;
+const SVR: u64 = LAPIC + 0xF0;
+const ICR_LOW: u64 = LAPIC + 0x300;
+const ICR_HIGH: u64 = LAPIC + 0x310;
+const LVT_TIMER: u64 = LAPIC + 0x320;
+const LVT0: u64 = LAPIC + 0x350;
+const TMICT: u64 = LAPIC + 0x380;
+const TDCR: u64 = LAPIC + 0x3E0;
+
+fn chipset(vcpus: usize, lapics: LapicPlacement) -> Chipset {
+    Chipset::new(ChipsetConfig {
+        vcpus,
+        lapics,
+        ioapic_version: IoapicVersion::V20,
+        pit_policy: LostTickPolicy::Reinject,
+        tsc_hz: 1_000_000_000,
+        tsc_offset: 0,
+    })
+    .expect("valid config")
+}
+
+fn write32(c: &mut Chipset, vcpu: usize, addr: u64, value: u32) {
+    assert!(
+        c.mmio_write(vcpu, addr, &value.to_le_bytes(), 0),
+        "{addr:#x} unclaimed"
+    );
+}
+
+fn read32(c: &mut Chipset, vcpu: usize, addr: u64) -> u32 {
+    let mut data = [0u8; 4];
+    assert!(c.mmio_read(vcpu, addr, &mut data, 0));
+    u32::from_le_bytes(data)
+}
+
+fn set_rte(c: &mut Chipset, pin: u32, low: u32, high: u32) {
+    write32(c, 0, IOAPIC_BASE, 0x10 + 2 * pin);
+    write32(c, 0, IOAPIC_BASE + 0x10, low);
+    write32(c, 0, IOAPIC_BASE, 0x11 + 2 * pin);
+    write32(c, 0, IOAPIC_BASE + 0x10, high);
+}
+
+fn rte_low(c: &mut Chipset, pin: u32) -> u32 {
+    write32(c, 0, IOAPIC_BASE, 0x10 + 2 * pin);
+    read32(c, 0, IOAPIC_BASE + 0x10)
+}
+
+/// What an APIC-mode guest does first: mask both 8259As.
+fn mask_pics(c: &mut Chipset) {
+    c.pio_write(0x21, &[0xFF], 0);
+    c.pio_write(0xA1, &[0xFF], 0);
+}
+
+fn enable_lapics(c: &mut Chipset) {
+    mask_pics(c);
+    for cpu in 0..c.vcpus() {
+        write32(c, cpu, SVR, 0x1FF);
+    }
+}
+
+const OPEN: Interruptibility = Interruptibility {
+    if_flag: true,
+    interrupt_shadow: false,
+    nmi_blocked: false,
+    event_pending: false,
+};
+
+/// Take whatever `vcpu` would take next with interrupts open.
+fn take(c: &mut Chipset, vcpu: usize) -> Option<u8> {
+    let decision = decide(&c.pending(vcpu), &OPEN);
+    c.acknowledge(vcpu, decision, 0)
+}
+
+fn events(c: &mut Chipset) -> Vec<ChipEvent> {
+    c.drain_events().collect()
+}
+
+#[test]
+fn rejects_zero_and_too_many_vcpus() {
+    for vcpus in [0, MAX_VCPUS + 1] {
+        let config = ChipsetConfig {
+            vcpus,
+            lapics: LapicPlacement::Model,
+            ioapic_version: IoapicVersion::V11,
+            pit_policy: LostTickPolicy::Discard,
+            tsc_hz: 1,
+            tsc_offset: 0,
+        };
+        assert!(matches!(Chipset::new(config), Err(ChipsetError::BadVcpuCount(n)) if n == vcpus));
+    }
+}
+
+#[test]
+fn level_gsi_through_ioapic_is_redelivered_after_eoi_while_high() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0); // level, vector 0x41, dest 0
+    let user = SourceId::USER;
+    assert_eq!(c.set_gsi(10, user, true, 0), IrqStatus::Delivered(1));
+    assert!(events(&mut c).contains(&ChipEvent::Kick(0)));
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    assert_ne!(
+        rte_low(&mut c, 10) & (1 << 14),
+        0,
+        "remote IRR set while in service"
+    );
+    // Still asserted: raising again coalesces.
+    assert_eq!(c.set_gsi(10, user, true, 0), IrqStatus::Coalesced);
+    write32(&mut c, 0, EOI, 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(
+        take(&mut c, 0),
+        Some(0x41),
+        "redelivered after EOI while high"
+    );
+    c.set_gsi(10, user, false, 0);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(
+        rte_low(&mut c, 10) & (1 << 14),
+        0,
+        "remote IRR clear after final EOI"
+    );
+    assert_eq!(take(&mut c, 0), None);
+}
+
+#[test]
+fn shared_level_gsi_is_the_or_of_its_sources() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 11, 0x8000 | 0x42, 0);
+    let a = SourceId::new(5).expect("id");
+    let b = SourceId::new(6).expect("id");
+    c.set_gsi(11, a, true, 0);
+    c.set_gsi(11, b, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42));
+    // One source lowering leaves the line high: the EOI redelivers.
+    c.set_gsi(11, a, false, 0);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42));
+    c.set_gsi(11, b, false, 0);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), None);
+}
+
+/// Program PIT counter 0 as a rate generator with `count`.
+fn program_pit(c: &mut Chipset, count: u16, now: u64) {
+    c.pio_write(0x43, &[0x34], now);
+    c.pio_write(0x40, &[count as u8], now);
+    c.pio_write(0x40, &[(count >> 8) as u8], now);
+}
+
+#[test]
+fn pit_ticks_reach_ioapic_pin_2_and_reinject_waits_for_the_edge_eoi() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x30, 0); // edge, vector 0x30: the PIT's pin
+    program_pit(&mut c, 11932, 0); // ~10 ms
+    let first = c.next_deadline().expect("PIT armed");
+    // A long stall: four periods pass before the VMM looks.
+    let late = first + 35_000_000;
+    c.advance(late);
+    assert_eq!(c.counts().pit, 1);
+    assert_eq!(take(&mut c, 0), Some(0x30));
+    // Not acknowledged yet: no second tick even though more are owed.
+    c.advance(late + 1);
+    assert_eq!(c.counts().pit, 1);
+    assert!(c.pit().backlog() >= 3);
+    write32(&mut c, 0, EOI, 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+    let due = c.next_deadline().expect("backlog due");
+    c.advance(due);
+    assert_eq!(c.counts().pit, 2, "the owed tick follows the ack");
+    assert_eq!(take(&mut c, 0), Some(0x30));
+}
+
+#[test]
+fn unmasking_the_pit_pin_drops_the_backlog() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x1_0030, 0); // masked
+    program_pit(&mut c, 11932, 0);
+    let first = c.next_deadline().expect("armed");
+    c.advance(first + 50_000_000);
+    assert!(c.pit().backlog() > 0);
+    set_rte(&mut c, 2, 0x30, 0);
+    assert_eq!(c.pit().backlog(), 0);
+}
+
+#[test]
+fn msi_reaches_its_destination_lapic_only() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    let msi = MsiMessage {
+        address: 0xFEE0_1000, // destination APIC ID 1, physical
+        data: 0x51,
+    };
+    assert_eq!(c.send_msi(msi, 0).expect("valid"), IrqStatus::Delivered(1));
+    assert_eq!(take(&mut c, 0), None);
+    assert_eq!(take(&mut c, 1), Some(0x51));
+    assert_eq!(c.counts().msi, 1);
+    let bad = MsiMessage {
+        address: 0x1234_0000,
+        data: 0x51,
+    };
+    assert!(matches!(c.send_msi(bad, 0), Err(ChipsetError::Msi(_))));
+}
+
+#[test]
+fn fixed_ipi_from_the_icr_reaches_the_other_vcpu_and_kicks_it() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    events(&mut c);
+    write32(&mut c, 0, ICR_HIGH, 1 << 24);
+    write32(&mut c, 0, ICR_LOW, 0x61);
+    assert!(events(&mut c).contains(&ChipEvent::Kick(1)));
+    assert_eq!(take(&mut c, 1), Some(0x61));
+    assert_eq!(take(&mut c, 0), None);
+    assert_eq!(c.counts().ipi, 1);
+}
+
+#[test]
+fn init_and_sipi_from_the_icr_are_reported_for_the_ap() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    events(&mut c);
+    write32(&mut c, 0, ICR_HIGH, 1 << 24);
+    write32(&mut c, 0, ICR_LOW, 0x4500); // INIT, level assert
+    write32(&mut c, 0, ICR_LOW, 0x4608); // SIPI vector 8
+    let startups: Vec<_> = events(&mut c)
+        .into_iter()
+        .filter(|e| matches!(e, ChipEvent::Startup { .. }))
+        .collect();
+    assert_eq!(
+        startups,
+        vec![
+            ChipEvent::Startup {
+                vcpu: 1,
+                event: StartupEvent::Init
+            },
+            ChipEvent::Startup {
+                vcpu: 1,
+                event: StartupEvent::Sipi { vector: 8 }
+            },
+        ]
+    );
+}
+
+#[test]
+fn pic_interrupt_reaches_the_bsp_through_lint0_in_extint_mode() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    // ICW1-4 on the master: base 0x20, auto-EOI off; unmask IRQ 1 only.
+    for (port, value) in [
+        (0x20, 0x11),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, 0xFD),
+    ] {
+        c.pio_write(port, &[value], 0);
+    }
+    assert_eq!(
+        c.set_gsi(1, SourceId::USER, true, 0),
+        IrqStatus::Delivered(1)
+    );
+    assert!(c.pending(0).extint);
+    assert!(!c.pending(1).extint, "LINT0 of the AP is masked");
+    assert_eq!(take(&mut c, 0), Some(0x21));
+    // Non-specific EOI to the master acknowledges GSI 1.
+    c.set_gsi(1, SourceId::USER, false, 0);
+    c.pio_write(0x20, &[0x20], 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(1)));
+}
+
+#[test]
+fn lapic_timer_fires_through_advance_and_kicks_its_vcpu() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    write32(&mut c, 1, TDCR, 0xB); // divide by 1
+    write32(&mut c, 1, LVT_TIMER, 0x70); // one-shot, vector 0x70
+    write32(&mut c, 1, TMICT, 1_000_000);
+    let deadline = c.next_deadline().expect("timer armed");
+    assert_eq!(deadline, 1_000_000);
+    events(&mut c);
+    c.advance(deadline);
+    assert!(events(&mut c).contains(&ChipEvent::Kick(1)));
+    assert_eq!(take(&mut c, 1), Some(0x70));
+    assert_eq!(c.counts().lapic_timer, 1);
+    assert_eq!(c.next_deadline(), None, "one-shot timer done");
+}
+
+#[test]
+fn nmi_watchdog_sends_pit_ticks_as_nmi_to_lvt0_nmi_vcpus() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    write32(&mut c, 1, LVT0, 0x400); // NMI mode, unmasked
+    program_pit(&mut c, 11932, 0);
+    let due = c.next_deadline().expect("armed");
+    c.advance(due);
+    assert!(c.pending(1).nmi);
+    assert!(!c.pending(0).nmi);
+    assert_eq!(decide(&c.pending(1), &OPEN), Decision::InjectNmi);
+}
+
+#[test]
+fn split_mode_forwards_ioapic_messages_and_takes_eoi_back() {
+    let mut c = chipset(2, LapicPlacement::External);
+    mask_pics(&mut c);
+    set_rte(&mut c, 5, 0x8000 | 0x45, 1 << 24);
+    assert_eq!(
+        c.set_gsi(5, SourceId::USER, true, 0),
+        IrqStatus::Delivered(1)
+    );
+    let forwarded: Vec<_> = events(&mut c)
+        .into_iter()
+        .filter_map(|e| match e {
+            ChipEvent::ExternalMessage(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(forwarded[0].vector, 0x45);
+    assert_eq!(forwarded[0].destination, 1);
+    assert_eq!(forwarded[0].trigger_mode, TriggerMode::Level);
+    c.set_gsi(5, SourceId::USER, false, 0);
+    c.ioapic_eoi(0x45, 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+    assert_eq!(rte_low(&mut c, 5) & (1 << 14), 0);
+    assert!(matches!(c.lapic(0), Err(ChipsetError::ExternalLapics)));
+}
+
+#[test]
+fn each_vcpu_sees_its_own_lapic_at_the_same_address() {
+    let mut c = chipset(3, LapicPlacement::Model);
+    for cpu in 0..3 {
+        assert_eq!(read32(&mut c, cpu, LAPIC + 0x20) >> 24, cpu as u32);
+    }
+    let mut data = [0u8; 4];
+    assert!(!c.mmio_read(7, LAPIC + 0x20, &mut data, 0) || c.vcpus() > 7);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Pio(u16, u8),
+        PioRead(u16),
+        Mmio(usize, u64, u32),
+        MmioRead(usize, u64),
+        Msr(usize, u32, u64),
+        Gsi(u32, u8, bool),
+        Msi(u64, u32),
+        Eoi(u8),
+        Take(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let port = prop_oneof![
+            Just(0x20u16),
+            Just(0x21),
+            Just(0xA0),
+            Just(0xA1),
+            Just(0x4D0),
+            Just(0x4D1),
+            0x40u16..=0x43,
+            Just(0x61)
+        ];
+        let mmio = prop_oneof![
+            (0u64..0x1000).prop_map(|o| LAPIC + o),
+            (0u64..0x100).prop_map(|o| IOAPIC_BASE + o)
+        ];
+        prop_oneof![
+            (port.clone(), any::<u8>()).prop_map(|(p, v)| Op::Pio(p, v)),
+            port.prop_map(Op::PioRead),
+            (0usize..4, mmio.clone(), any::<u32>()).prop_map(|(c, a, v)| Op::Mmio(c, a, v)),
+            (0usize..4, mmio).prop_map(|(c, a)| Op::MmioRead(c, a)),
+            (
+                0usize..4,
+                prop_oneof![0x800u32..0x900, Just(0x1B), Just(0x6E0)],
+                any::<u64>()
+            )
+                .prop_map(|(c, m, v)| Op::Msr(c, m, v)),
+            (0u32..30, 0u8..64, any::<bool>()).prop_map(|(g, s, l)| Op::Gsi(g, s, l)),
+            (
+                prop_oneof![Just(0xFEE0_0000u64), any::<u64>()],
+                any::<u32>()
+            )
+                .prop_map(|(a, d)| Op::Msi(a, d)),
+            any::<u8>().prop_map(Op::Eoi),
+            (0usize..4).prop_map(Op::Take),
+            (0u64..50_000_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a guest does through any register surface, and whatever
+        /// devices do to the lines, nothing panics (the fuzz targets' twin).
+        #[test]
+        fn no_sequence_panics(ops in proptest::collection::vec(op(), 1..120), external in any::<bool>()) {
+            let placement = if external { LapicPlacement::External } else { LapicPlacement::Model };
+            let mut c = chipset(3, placement);
+            let mut now = 0u64;
+            for op in ops {
+                match op {
+                    Op::Pio(p, v) => { c.pio_write(p, &[v], now); }
+                    Op::PioRead(p) => { c.pio_read(p, &mut [0u8; 2], now); }
+                    Op::Mmio(cpu, a, v) => { c.mmio_write(cpu, a, &v.to_le_bytes(), now); }
+                    Op::MmioRead(cpu, a) => { c.mmio_read(cpu, a, &mut [0u8; 4], now); }
+                    Op::Msr(cpu, m, v) => { let _ = c.msr_write(cpu, m, v, now); let _ = c.msr_read(cpu, m, now); }
+                    Op::Gsi(g, s, l) => { c.set_gsi(g, SourceId::new(s).expect("< 64"), l, now); }
+                    Op::Msi(a, d) => { let _ = c.send_msi(MsiMessage { address: a, data: d }, now); }
+                    Op::Eoi(v) => c.ioapic_eoi(v, now),
+                    Op::Take(cpu) => { let d = decide(&c.pending(cpu), &OPEN); c.acknowledge(cpu, d, now); }
+                    Op::Advance(dt) => { now += dt; c.advance(now); }
+                }
+                let _ = c.drain_events().count();
+                if let Some(deadline) = c.next_deadline() {
+                    // Timers never ask to be served in the past twice.
+                    if deadline <= now { c.advance(now); }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn isa_gsi_reaching_pic_and_ioapic_reports_the_sum_as_kvm_does() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    for cpu in 0..c.vcpus() {
+        write32(&mut c, cpu, SVR, 0x1FF);
+    }
+    // PIC unmasked (its reset state) and the IOAPIC pin unmasked: both count.
+    set_rte(&mut c, 3, 0x33, 0);
+    assert_eq!(
+        c.set_gsi(3, SourceId::USER, true, 0),
+        IrqStatus::Delivered(2)
+    );
+    // IOAPIC-only GSIs have one route.
+    set_rte(&mut c, 17, 0x34, 0);
+    assert_eq!(
+        c.set_gsi(17, SourceId::USER, true, 0),
+        IrqStatus::Delivered(1)
+    );
+    // A GSI with no route at all is ignored.
+    assert_eq!(c.set_gsi(2, SourceId::USER, true, 0), IrqStatus::Masked);
+}
