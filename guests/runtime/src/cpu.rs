@@ -273,15 +273,16 @@ pub fn init(cpu: usize) {
 }
 
 fn fatal_exception(frame: &InterruptFrame) -> ! {
-    use core::fmt::Write;
-    let _ = writeln!(
-        crate::serial::Writer,
-        "\nFAIL exception: vector {} error {:#x} at rip {:#x} on cpu {}",
-        frame.vector,
-        frame.error,
-        frame.rip,
-        index()
-    );
+    crate::serial::Line::new()
+        .s("\nFAIL exception: vector ")
+        .u(frame.vector)
+        .s(" error ")
+        .x(frame.error)
+        .s(" at rip ")
+        .x(frame.rip)
+        .s(" on cpu ")
+        .u(index() as u64)
+        .print_unlocked();
     crate::exit(1)
 }
 

@@ -126,7 +126,14 @@ extern "C" fn virq_rt_bsp_entry(magic: u32, info: u32) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    use core::fmt::Write;
-    let _ = writeln!(serial::Writer, "\nFAIL panic: {info}");
+    let mut l = serial::Line::new();
+    l.s("\nFAIL panic: ");
+    if let Some(msg) = info.message().as_str() {
+        l.s(msg);
+    }
+    if let Some(loc) = info.location() {
+        l.s(" at ").s(loc.file()).s(":").u(u64::from(loc.line()));
+    }
+    l.print_unlocked();
     exit(1)
 }

@@ -1,45 +1,81 @@
 //! Result lines on the serial port:
-//! `PASS <name>`, `FAIL <name>: <details>`, `SKIP <name>: <reason>`;
-//! lines starting with `# ` are informational.
+//! `PASS <name>`, `FAIL <name>: expected X, got Y` (or another reason),
+//! `SKIP <name>: <reason>`; lines starting with `# ` are informational.
 
-use crate::println;
-use core::fmt::{Debug, Display};
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use crate::serial::Line;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 static FAILED: AtomicBool = AtomicBool::new(false);
-static PASSED: AtomicU32 = AtomicU32::new(0);
 
 /// Reports a passed check.
 pub fn pass(name: &str) {
-    PASSED.fetch_add(1, Ordering::Relaxed);
-    println!("PASS {name}");
+    Line::new().s("PASS ").s(name).print();
 }
 
-/// Reports a failed check.
-pub fn fail(name: &str, details: impl Display) {
+/// Starts a `FAIL <name>: ` line for the caller to finish and print.
+pub fn fail_line(name: &str) -> Line {
     FAILED.store(true, Ordering::Relaxed);
-    println!("FAIL {name}: {details}");
+    let mut l = Line::new();
+    l.s("FAIL ").s(name).s(": ");
+    l
+}
+
+/// Reports a failed check with a reason.
+pub fn fail(name: &str, reason: &str) {
+    fail_line(name).s(reason).print();
 }
 
 /// Reports a skipped check.
-pub fn skip(name: &str, reason: impl Display) {
-    println!("SKIP {name}: {reason}");
-}
-
-/// Passes if `cond`, otherwise fails with `expected X, got Y`.
-pub fn check(name: &str, cond: bool, expected: impl Debug, got: impl Debug) -> bool {
-    if cond {
-        pass(name);
-    } else {
-        fail(name, format_args!("expected {expected:?}, got {got:?}"));
-    }
-    cond
+pub fn skip(name: &str, reason: &str) {
+    Line::new().s("SKIP ").s(name).s(": ").s(reason).print();
 }
 
 /// Passes if `got == expected`.
-pub fn check_eq<T: PartialEq + Debug>(name: &str, expected: T, got: T) -> bool {
-    let ok = expected == got;
-    check(name, ok, expected, got)
+pub fn check_eq(name: &str, expected: u64, got: u64) -> bool {
+    let ok = got == expected;
+    if ok {
+        pass(name);
+    } else {
+        fail_line(name)
+            .s("expected ")
+            .u(expected)
+            .s(", got ")
+            .u(got)
+            .print();
+    }
+    ok
+}
+
+/// Passes if `got >= min`.
+pub fn check_at_least(name: &str, min: u64, got: u64) -> bool {
+    let ok = got >= min;
+    if ok {
+        pass(name);
+    } else {
+        fail_line(name)
+            .s("expected >= ")
+            .u(min)
+            .s(", got ")
+            .u(got)
+            .print();
+    }
+    ok
+}
+
+/// Passes if `got == expected` (booleans).
+pub fn check_bool(name: &str, expected: bool, got: bool) -> bool {
+    let ok = got == expected;
+    if ok {
+        pass(name);
+    } else {
+        fail_line(name)
+            .s("expected ")
+            .b(expected)
+            .s(", got ")
+            .b(got)
+            .print();
+    }
+    ok
 }
 
 /// Whether any check failed so far.

@@ -1,7 +1,6 @@
-//! Polled output on the COM1 16550 UART, with `print!`/`println!` macros.
+//! Polled output on the COM1 16550 UART and a `core::fmt`-free line builder.
 
 use crate::arch::{inb, outb, pause};
-use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// COM1 base port.
@@ -49,38 +48,105 @@ pub fn write_bytes(bytes: &[u8]) {
     }
 }
 
-/// A `fmt::Write` sink on COM1.
-pub struct Writer;
+/// One output line, built without `core::fmt`: the precompiled `core`
+/// formats integers with SSE instructions that an instruction emulator may
+/// not implement (see README.md), so guests format with this instead.
+pub struct Line {
+    buf: [u8; 240],
+    len: usize,
+}
 
-impl fmt::Write for Writer {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        write_bytes(s.as_bytes());
-        Ok(())
+impl Default for Line {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-/// Prints under a lock so lines from different CPUs do not interleave.
-/// Interrupt handlers must not print (they could interrupt the lock holder).
-pub fn print_locked(args: fmt::Arguments) {
-    while LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        pause();
+impl Line {
+    /// An empty line.
+    pub const fn new() -> Self {
+        Line {
+            buf: [0; 240],
+            len: 0,
+        }
     }
-    let _ = fmt::write(&mut Writer, args);
-    LOCK.store(false, Ordering::Release);
+
+    fn push(&mut self, b: u8) {
+        if self.len < self.buf.len() {
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+    }
+
+    /// Appends a string.
+    pub fn s(&mut self, s: &str) -> &mut Self {
+        for &b in s.as_bytes() {
+            self.push(b);
+        }
+        self
+    }
+
+    /// Appends an unsigned integer in decimal.
+    pub fn u(&mut self, v: u64) -> &mut Self {
+        let mut digits = [0u8; 20];
+        let mut n = 0;
+        let mut v = v;
+        loop {
+            digits[n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        while n > 0 {
+            n -= 1;
+            self.push(digits[n]);
+        }
+        self
+    }
+
+    /// Appends an unsigned integer as `0x` and lower-case hex digits.
+    pub fn x(&mut self, v: u64) -> &mut Self {
+        self.s("0x");
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let d = ((v >> (shift * 4)) & 0xF) as u8;
+            if d != 0 || started || shift == 0 {
+                started = true;
+                self.push(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+            }
+        }
+        self
+    }
+
+    /// Appends `true` or `false`.
+    pub fn b(&mut self, v: bool) -> &mut Self {
+        self.s(if v { "true" } else { "false" })
+    }
+
+    /// Prints the line and a newline under the output lock (so lines from
+    /// different CPUs do not interleave). Interrupt handlers must not print.
+    pub fn print(&mut self) {
+        self.push(b'\n');
+        while LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            pause();
+        }
+        write_bytes(&self.buf[..self.len]);
+        LOCK.store(false, Ordering::Release);
+    }
+
+    /// Prints the line and a newline without the lock (fatal paths).
+    pub fn print_unlocked(&mut self) {
+        self.push(b'\n');
+        write_bytes(&self.buf[..self.len]);
+    }
 }
 
-/// Prints to COM1.
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print_locked(format_args!($($arg)*)) };
-}
-
-/// Prints a line to COM1.
-#[macro_export]
-macro_rules! println {
-    () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::print_locked(format_args!("{}\n", format_args!($($arg)*))) };
+/// Prints a string followed by a newline.
+pub fn println(s: &str) {
+    Line::new().s(s).print();
 }
