@@ -4,6 +4,9 @@
 use core::arch::asm;
 
 /// Copies `n` bytes (non-overlapping).
+///
+/// # Safety
+/// Both ranges must be valid for `n` bytes and must not overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: the caller passes valid, non-overlapping ranges; DF is clear per the ABI.
@@ -15,6 +18,9 @@ pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut 
 }
 
 /// Copies `n` bytes; the ranges may overlap.
+///
+/// # Safety
+/// Both ranges must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
@@ -31,6 +37,9 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 }
 
 /// Fills `n` bytes with `c`.
+///
+/// # Safety
+/// The range must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller passes a valid range.
@@ -42,6 +51,9 @@ pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
 }
 
 /// Compares `n` bytes.
+///
+/// # Safety
+/// Both ranges must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
@@ -54,7 +66,10 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     0
 }
 
-/// Compares `n` bytes for equality (0 = equal).
+/// Compares `n` bytes.
+///
+/// # Safety
+/// Both ranges must be valid for `n` bytes.for equality (0 = equal).
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.

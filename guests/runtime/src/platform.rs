@@ -214,16 +214,10 @@ fn from_mp_table(p: &mut Platform) -> bool {
                 e += 20;
                 continue;
             }
-            1 => {
-                if phys_read::<3>(e + 2) == *b"ISA" {
-                    isa_bus = Some(phys_u8(e + 1));
-                }
-            }
-            2 => {
-                if ioapic_id.is_none() && phys_u8(e + 3) & 1 != 0 {
-                    ioapic_id = Some(phys_u8(e + 1));
-                    p.ioapic_addr = phys_u32(e + 4);
-                }
+            1 if phys_read::<3>(e + 2) == *b"ISA" => isa_bus = Some(phys_u8(e + 1)),
+            2 if ioapic_id.is_none() && phys_u8(e + 3) & 1 != 0 => {
+                ioapic_id = Some(phys_u8(e + 1));
+                p.ioapic_addr = phys_u32(e + 4);
             }
             3 => {
                 // I/O interrupt assignment; INT type (0) from the ISA bus.
