@@ -1,0 +1,105 @@
+//! The IOAPIC: indirect register access, redirection table entries and the
+//! version 0x20 EOI register.
+
+use crate::arch::{mmio_read32, mmio_write32};
+
+/// A redirection table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirection(pub u64);
+
+impl Redirection {
+    /// Fixed delivery, physical destination `dest`, edge, active high, unmasked.
+    pub fn fixed(vector: u8, dest: u8) -> Self {
+        Redirection(u64::from(vector) | (u64::from(dest) << 56))
+    }
+    /// Sets level (true) or edge (false) triggering.
+    pub fn level(self, level: bool) -> Self {
+        self.with_bit(15, level)
+    }
+    /// Sets active-low (true) or active-high (false) polarity.
+    pub fn active_low(self, low: bool) -> Self {
+        self.with_bit(13, low)
+    }
+    /// Sets the mask bit.
+    pub fn masked(self, masked: bool) -> Self {
+        self.with_bit(16, masked)
+    }
+    /// Vector.
+    pub fn vector(self) -> u8 {
+        self.0 as u8
+    }
+    /// Remote IRR: a level interrupt was delivered and not yet EOI'd.
+    pub fn remote_irr(self) -> bool {
+        self.0 & (1 << 14) != 0
+    }
+    /// Delivery status (send pending).
+    pub fn delivery_pending(self) -> bool {
+        self.0 & (1 << 12) != 0
+    }
+    /// Whether the entry is masked.
+    pub fn is_masked(self) -> bool {
+        self.0 & (1 << 16) != 0
+    }
+    fn with_bit(self, bit: u32, on: bool) -> Self {
+        if on {
+            Redirection(self.0 | (1 << bit))
+        } else {
+            Redirection(self.0 & !(1 << bit))
+        }
+    }
+}
+
+/// One IOAPIC at an MMIO base.
+#[derive(Clone, Copy, Debug)]
+pub struct IoApic {
+    /// MMIO base address.
+    pub base: usize,
+}
+
+impl IoApic {
+    /// Reads indirect register `index`.
+    pub fn read(&self, index: u32) -> u32 {
+        mmio_write32(self.base, index);
+        mmio_read32(self.base + 0x10)
+    }
+    /// Writes indirect register `index`.
+    pub fn write(&self, index: u32, value: u32) {
+        mmio_write32(self.base, index);
+        mmio_write32(self.base + 0x10, value);
+    }
+    /// Version (0x11 for the 82093AA-like, 0x20 with an EOI register).
+    pub fn version(&self) -> u8 {
+        self.read(1) as u8
+    }
+    /// Number of redirection entries.
+    pub fn pins(&self) -> u32 {
+        ((self.read(1) >> 16) & 0xFF) + 1
+    }
+    /// Reads the entry for `pin`.
+    pub fn redirection(&self, pin: u32) -> Redirection {
+        let low = self.read(0x10 + 2 * pin);
+        let high = self.read(0x11 + 2 * pin);
+        Redirection((u64::from(high) << 32) | u64::from(low))
+    }
+    /// Writes the entry for `pin` (high half first, so the unmask comes last).
+    pub fn set_redirection(&self, pin: u32, rte: Redirection) {
+        self.write(0x11 + 2 * pin, (rte.0 >> 32) as u32);
+        self.write(0x10 + 2 * pin, rte.0 as u32);
+    }
+    /// Masks `pin`, keeping the rest of its entry.
+    pub fn mask(&self, pin: u32) {
+        let low = self.read(0x10 + 2 * pin);
+        self.write(0x10 + 2 * pin, low | (1 << 16));
+    }
+    /// Masks every pin.
+    pub fn mask_all(&self) {
+        for pin in 0..self.pins() {
+            self.set_redirection(pin, Redirection(0).masked(true));
+        }
+    }
+    /// Directed EOI through the version 0x20 EOI register: clears remote IRR
+    /// of the entries with `vector`.
+    pub fn eoi(&self, vector: u8) {
+        mmio_write32(self.base + 0x40, u32::from(vector));
+    }
+}

@@ -1,0 +1,175 @@
+//! Local APIC in xAPIC (MMIO at 0xFEE00000) or x2APIC (MSRs 0x800+) mode.
+//! All CPUs use the same mode, chosen once by the BSP.
+
+use crate::arch::{mmio_read32, mmio_write32, pause, rdmsr, wrmsr};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Default xAPIC MMIO base.
+pub const XAPIC_BASE: usize = 0xFEE0_0000;
+const IA32_APIC_BASE: u32 = 0x1B;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+
+/// Register offsets (xAPIC MMIO offsets; x2APIC MSR = 0x800 + offset / 16).
+pub mod reg {
+    /// APIC ID.
+    pub const ID: u32 = 0x20;
+    /// Version.
+    pub const VERSION: u32 = 0x30;
+    /// Task priority.
+    pub const TPR: u32 = 0x80;
+    /// End of interrupt.
+    pub const EOI: u32 = 0xB0;
+    /// Spurious-interrupt vector.
+    pub const SVR: u32 = 0xF0;
+    /// Error status.
+    pub const ESR: u32 = 0x280;
+    /// Interrupt command (low half in xAPIC).
+    pub const ICR_LOW: u32 = 0x300;
+    /// Interrupt command, destination half (xAPIC only).
+    pub const ICR_HIGH: u32 = 0x310;
+    /// LVT timer.
+    pub const LVT_TIMER: u32 = 0x320;
+    /// LVT error.
+    pub const LVT_ERROR: u32 = 0x370;
+    /// Timer initial count.
+    pub const TIMER_INITIAL: u32 = 0x380;
+    /// Timer current count.
+    pub const TIMER_CURRENT: u32 = 0x390;
+    /// Timer divide configuration.
+    pub const TIMER_DIVIDE: u32 = 0x3E0;
+}
+
+/// LVT mask bit.
+pub const LVT_MASKED: u32 = 1 << 16;
+/// LVT timer mode: periodic.
+pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// Vector used for the LAPIC's spurious interrupts.
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
+
+static X2APIC: AtomicBool = AtomicBool::new(false);
+
+/// An ICR value (low 32 bits: vector, delivery mode, level, trigger).
+#[derive(Clone, Copy, Debug)]
+pub struct Icr(pub u32);
+
+impl Icr {
+    /// Fixed interrupt with `vector`.
+    pub fn fixed(vector: u8) -> Self {
+        Icr(u32::from(vector) | (1 << 14))
+    }
+    /// INIT, level assert.
+    pub fn init() -> Self {
+        Icr((0b101 << 8) | (1 << 14))
+    }
+    /// Start-up IPI for the real-mode page `page` (address = page * 4 KiB).
+    pub fn startup(page: u8) -> Self {
+        Icr(u32::from(page) | (0b110 << 8) | (1 << 14))
+    }
+    /// Delivery-status (send pending) bit, xAPIC only.
+    pub fn send_pending(self) -> bool {
+        self.0 & (1 << 12) != 0
+    }
+}
+
+/// Whether CPUID reports x2APIC support.
+pub fn x2apic_supported() -> bool {
+    crate::arch::cpuid(1).2 & (1 << 21) != 0
+}
+
+/// Whether the APICs run in x2APIC mode.
+pub fn is_x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
+/// Chooses the mode for every CPU (BSP, before any `enable`).
+pub fn set_mode(x2apic: bool) {
+    X2APIC.store(x2apic, Ordering::Relaxed);
+}
+
+/// Reads a register.
+pub fn read(offset: u32) -> u32 {
+    if is_x2apic() {
+        rdmsr(0x800 + (offset >> 4)) as u32
+    } else {
+        mmio_read32(XAPIC_BASE + offset as usize)
+    }
+}
+
+/// Writes a register.
+pub fn write(offset: u32, value: u32) {
+    if is_x2apic() {
+        wrmsr(0x800 + (offset >> 4), u64::from(value));
+    } else {
+        mmio_write32(XAPIC_BASE + offset as usize, value);
+    }
+}
+
+/// Enables this CPU's LAPIC in the chosen mode, with the spurious vector set,
+/// TPR 0, the timer and error LVTs masked.
+pub fn enable() {
+    let mut base = rdmsr(IA32_APIC_BASE) | APIC_BASE_ENABLE;
+    wrmsr(IA32_APIC_BASE, base);
+    if is_x2apic() {
+        base |= APIC_BASE_X2APIC;
+        wrmsr(IA32_APIC_BASE, base);
+    }
+    write(reg::SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+    write(reg::TPR, 0);
+    write(reg::LVT_TIMER, LVT_MASKED);
+    write(reg::LVT_ERROR, LVT_MASKED);
+    write(reg::ESR, 0);
+}
+
+/// This CPU's APIC ID.
+pub fn id() -> u32 {
+    if is_x2apic() {
+        read(reg::ID)
+    } else {
+        read(reg::ID) >> 24
+    }
+}
+
+/// Signals end of interrupt.
+pub fn eoi() {
+    write(reg::EOI, 0);
+}
+
+/// Sends an IPI to the APIC with ID `dest` (physical destination mode).
+pub fn send_ipi(dest: u32, icr: Icr) {
+    if is_x2apic() {
+        wrmsr(0x830, (u64::from(dest) << 32) | u64::from(icr.0));
+    } else {
+        write(reg::ICR_HIGH, dest << 24);
+        write(reg::ICR_LOW, icr.0);
+        for _ in 0..10_000 {
+            if !Icr(read(reg::ICR_LOW)).send_pending() {
+                break;
+            }
+            pause();
+        }
+    }
+}
+
+/// Timer divide-by-16 encoding.
+pub const TIMER_DIVIDE_16: u32 = 0x3;
+
+/// Starts the timer in one-shot mode: `vector` after `count` ticks.
+pub fn timer_oneshot(vector: u8, count: u32) {
+    write(reg::TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(reg::LVT_TIMER, u32::from(vector));
+    write(reg::TIMER_INITIAL, count);
+}
+
+/// Starts the timer in periodic mode: `vector` every `count` ticks.
+pub fn timer_periodic(vector: u8, count: u32) {
+    write(reg::TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(reg::LVT_TIMER, u32::from(vector) | LVT_TIMER_PERIODIC);
+    write(reg::TIMER_INITIAL, count);
+}
+
+/// Stops and masks the timer.
+pub fn timer_stop() {
+    write(reg::TIMER_INITIAL, 0);
+    write(reg::LVT_TIMER, LVT_MASKED);
+}
