@@ -51,6 +51,9 @@ pub enum Error {
     /// A vCPU host thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Our chipset model refused its configuration.
+    #[error("irqchip model: {0}")]
+    Chipset(#[from] virq::chipset::ChipsetError),
     /// The requested vCPU count is not supported.
     #[error("{requested} vCPUs requested, KVM supports at most {max}")]
     TooManyVcpus {

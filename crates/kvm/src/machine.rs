@@ -256,6 +256,7 @@ impl Machine {
                 Err(_) => tracing::error!("a vCPU thread panicked"),
             }
         }
+        backend.shutdown();
         let cause = ending
             .cause
             .lock()
@@ -366,7 +367,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
             Next::Enter => {}
             Next::Io => {
                 counters.count(ExitReason::Io);
-                if let ExitAction::GuestExit(s) = dispatch_io(vcpu, handler) {
+                if let ExitAction::GuestExit(s) = dispatch_io(vcpu, backend, handler) {
                     return VcpuStop::GuestExit(s);
                 }
             }
@@ -399,7 +400,11 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
 
 /// Hands a port I/O exit to the VMM one element at a time (string I/O with
 /// a REP prefix arrives as `count` elements of `size` bytes).
-fn dispatch_io(vcpu: &mut Vcpu, handler: &dyn ExitHandler) -> ExitAction {
+fn dispatch_io(
+    vcpu: &mut Vcpu,
+    backend: &dyn IrqchipBackend,
+    handler: &dyn ExitHandler,
+) -> ExitAction {
     let index = vcpu.index();
     let run_size = vcpu.run_size;
     let run = vcpu.fd.get_kvm_run();
@@ -422,7 +427,11 @@ fn dispatch_io(vcpu: &mut Vcpu, handler: &dyn ExitHandler) -> ExitAction {
     let port = io.port;
     for chunk in data.chunks_mut(size) {
         if u32::from(io.direction) == KVM_EXIT_IO_IN {
-            handler.pio_read(index, port, chunk);
+            if !backend.pio_read(index, port, chunk) {
+                handler.pio_read(index, port, chunk);
+            }
+        } else if backend.pio_write(index, port, chunk) {
+            continue;
         } else if let ExitAction::GuestExit(s) = handler.pio_write(index, port, chunk) {
             return ExitAction::GuestExit(s);
         }

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
+use virq::pit::LostTickPolicy;
 use virq_kvm::IrqchipMode;
 
 /// Most vCPUs a machine may have (APIC IDs 0-254; 255 is broadcast).
@@ -53,12 +54,34 @@ impl From<Mode> for IrqchipMode {
     }
 }
 
+/// What the PIT does with ticks the guest has not taken yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LostTicks {
+    /// Owe every missed tick and deliver them one per acknowledgement (KVM's default).
+    Reinject,
+    /// Deliver what is due and drop the rest.
+    Discard,
+}
+
+impl From<LostTicks> for LostTickPolicy {
+    fn from(l: LostTicks) -> Self {
+        match l {
+            LostTicks::Reinject => LostTickPolicy::Reinject,
+            LostTicks::Discard => LostTickPolicy::Discard,
+        }
+    }
+}
+
 /// `virq run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Irqchip mode.
     #[arg(long, value_enum, default_value_t = Mode::Kernel)]
     pub irqchip: Mode,
+    /// What the PIT does with missed ticks (split and userspace modes; KVM's
+    /// own PIT in kernel mode always reinjects).
+    #[arg(long, value_enum, default_value_t = LostTicks::Reinject)]
+    pub lost_ticks: LostTicks,
     /// Number of vCPUs (1-255).
     #[arg(long, default_value_t = 1, value_parser = parse_cpus)]
     pub cpus: u32,

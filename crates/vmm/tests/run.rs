@@ -195,32 +195,40 @@ fn unknown_mode_is_bad_input() {
     assert_bad_input(&virq(&["run", "--irqchip", "bogus", "img"]));
 }
 
-fn run_hello(cpus: &str) {
+const MODES: [&str; 3] = ["kernel", "split", "userspace"];
+
+fn run_hello(mode: &str, cpus: &str) {
     if !kvm_or_skip() {
         return;
     }
-    let img = TempFile::new(&format!("hello{cpus}"), &hello_guest());
+    let img = TempFile::new(&format!("hello-{mode}-{cpus}"), &hello_guest());
     let o = virq(&[
         "run",
+        "--irqchip",
+        mode,
         "--cpus",
         cpus,
         "--timeout",
         "30",
         img.0.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
-    assert!(o.stderr.is_empty(), "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{mode}: stderr: {}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n", "{mode}");
+    assert!(o.stderr.is_empty(), "{mode}: stderr: {}", stderr(&o));
 }
 
 #[test]
-fn hello_guest_exits_with_status_1_on_one_vcpu() {
-    run_hello("1");
+fn hello_guest_exits_with_status_1_on_one_vcpu_in_every_mode() {
+    for mode in MODES {
+        run_hello(mode, "1");
+    }
 }
 
 #[test]
-fn hello_guest_exits_with_status_1_on_two_vcpus() {
-    run_hello("2");
+fn hello_guest_exits_with_status_1_on_two_vcpus_in_every_mode() {
+    for mode in MODES {
+        run_hello(mode, "2");
+    }
 }
 
 #[test]
@@ -251,79 +259,91 @@ fn serial_to_file_and_stats_json() {
 }
 
 #[test]
-fn triple_fault_is_status_4_with_one_line() {
+fn triple_fault_is_status_4_with_one_line_in_every_mode() {
     if !kvm_or_skip() {
         return;
     }
     let img = TempFile::new("triple", &triple_fault_guest());
-    let o = virq(&["run", "--timeout", "30", img.0.to_str().unwrap()]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(4), "stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "stderr: {err}");
-    assert!(
-        err.starts_with("virq: vCPU 0 triple fault at rip 0x"),
-        "stderr: {err}"
-    );
+    for mode in MODES {
+        let o = virq(&[
+            "run",
+            "--irqchip",
+            mode,
+            "--timeout",
+            "30",
+            img.0.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(4), "{mode}: stderr: {err}");
+        assert_eq!(err.lines().count(), 1, "{mode}: stderr: {err}");
+        assert!(
+            err.starts_with("virq: vCPU 0 triple fault at rip 0x"),
+            "{mode}: stderr: {err}"
+        );
+    }
 }
 
 #[test]
-fn spinning_guest_times_out_with_status_8() {
+fn spinning_guest_times_out_with_status_8_in_every_mode() {
     if !kvm_or_skip() {
         return;
     }
     let img = TempFile::new("spin", &spin_guest());
-    let start = std::time::Instant::now();
-    let o = virq(&[
-        "run",
-        "--cpus",
-        "2",
-        "--timeout",
-        "1",
-        img.0.to_str().unwrap(),
-    ]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(8), "stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "stderr: {err}");
-    let rip = format!("vCPU 0 at rip {:#x}", code_addr(0));
-    assert!(
-        err.starts_with("virq: timeout after 1 s: "),
-        "stderr: {err}"
-    );
-    assert!(err.contains(&rip), "stderr: {err}");
-    assert!(start.elapsed() < std::time::Duration::from_secs(10));
-}
-
-#[test]
-fn unimplemented_mode_is_bad_input_until_it_exists() {
-    let img = TempFile::new("hello-split", &hello_guest());
-    let o = virq(&["run", "--irqchip", "split", img.0.to_str().unwrap()]);
-    if o.status.code() == Some(2) {
-        assert_bad_input(&o);
+    for mode in MODES {
+        let start = std::time::Instant::now();
+        let o = virq(&[
+            "run",
+            "--irqchip",
+            mode,
+            "--cpus",
+            "2",
+            "--timeout",
+            "1",
+            img.0.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(8), "{mode}: stderr: {err}");
+        assert_eq!(err.lines().count(), 1, "{mode}: stderr: {err}");
+        let rip = format!("vCPU 0 at rip {:#x}", code_addr(0));
+        assert!(
+            err.starts_with("virq: timeout after 1 s: "),
+            "{mode}: stderr: {err}"
+        );
+        assert!(err.contains(&rip), "{mode}: stderr: {err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
     }
 }
 
 #[test]
-fn ap_started_by_init_sipi_ends_the_run_in_kernel_mode() {
+fn ap_started_by_init_sipi_ends_the_run_in_every_mode() {
     if !kvm_or_skip() {
         return;
     }
     let img = TempFile::new("ap", &ap_startup_guest());
-    let json = TempFile::new("ap-stats.json", b"");
-    let o = virq(&[
-        "run",
-        "--cpus",
-        "2",
-        "--timeout",
-        "30",
-        "--stats-json",
-        json.0.to_str().unwrap(),
-        img.0.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(&o));
-    let stats: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json.0).unwrap()).unwrap();
-    // The BSP's ICR writes stay in KVM; the AP's debug-exit write is the
-    // only port exit.
-    assert_eq!(stats["exits_per_vcpu"][0]["io"], 0);
-    assert_eq!(stats["exits_per_vcpu"][1]["io"], 1);
+    for mode in MODES {
+        let json = TempFile::new(&format!("ap-stats-{mode}.json"), b"");
+        let o = virq(&[
+            "run",
+            "--irqchip",
+            mode,
+            "--cpus",
+            "2",
+            "--timeout",
+            "30",
+            "--stats-json",
+            json.0.to_str().unwrap(),
+            img.0.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{mode}: stderr: {}", stderr(&o));
+        let stats: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json.0).unwrap()).unwrap();
+        // The AP's debug-exit write is its only port exit: it ran the
+        // trampoline the SIPI pointed at.
+        assert_eq!(stats["exits_per_vcpu"][1]["io"], 1, "{mode}");
+        assert_eq!(stats["mode"], mode);
+        if mode != "userspace" {
+            // With KVM's LAPIC the BSP's ICR writes never leave the kernel.
+            assert_eq!(stats["exits_per_vcpu"][0]["io"], 0, "{mode}");
+        }
+    }
 }

@@ -17,24 +17,6 @@ use std::sync::{Arc, OnceLock};
 /// Number of IOAPIC pins of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
 
-/// LAPIC register offsets of the two local interrupt LVTs.
-const APIC_LVT0: usize = 0x350;
-const APIC_LVT1: usize = 0x360;
-
-/// One local vector table entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Lvt(u32);
-
-impl Lvt {
-    const DELIVERY_EXTINT: u32 = 0b111;
-    const DELIVERY_NMI: u32 = 0b100;
-
-    /// Same entry with delivery mode `mode` (bits 10:8) and unmasked (bit 16).
-    fn with_delivery_mode(self, mode: u32) -> Self {
-        Lvt((self.0 & !(0x700 | 0x1_0000)) | (mode << 8))
-    }
-}
-
 /// The in-kernel irqchip backend.
 pub struct KernelIrqchip {
     vm: Arc<VmFd>,
@@ -120,19 +102,7 @@ impl IrqchipBackend for KernelIrqchip {
     }
 
     fn setup_vcpu(&self, vcpu: &Vcpu, boot: bool) -> Result<()> {
-        // Virtual-wire mode: LINT0 takes the PIC's ExtINT, LINT1 is NMI, on
-        // every vCPU (as a PC BIOS leaves them).
-        let mut lapic = vcpu.fd().get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
-        for (offset, mode) in [
-            (APIC_LVT0, Lvt::DELIVERY_EXTINT),
-            (APIC_LVT1, Lvt::DELIVERY_NMI),
-        ] {
-            let reg = read_reg(&lapic.regs, offset);
-            write_reg(&mut lapic.regs, offset, Lvt(reg).with_delivery_mode(mode).0);
-        }
-        vcpu.fd()
-            .set_lapic(&lapic)
-            .map_err(ioctl_err("KVM_SET_LAPIC"))?;
+        super::virtual_wire::setup_kvm_lapic(vcpu, boot)?;
         // APs wait for INIT/SIPI, which KVM's LAPIC handles.
         let mp_state = if boot {
             KVM_MP_STATE_RUNNABLE
@@ -172,22 +142,6 @@ impl IrqchipBackend for KernelIrqchip {
             .signal_msi(msi)
             .map(|_| ())
             .map_err(ioctl_err("KVM_SIGNAL_MSI"))
-    }
-}
-
-fn read_reg(regs: &[libc::c_char; 1024], offset: usize) -> u32 {
-    let mut b = [0u8; 4];
-    for (i, out) in b.iter_mut().enumerate() {
-        *out = regs.get(offset + i).map_or(0, |&c| c as u8);
-    }
-    u32::from_le_bytes(b)
-}
-
-fn write_reg(regs: &mut [libc::c_char; 1024], offset: usize, value: u32) {
-    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
-        if let Some(slot) = regs.get_mut(offset + i) {
-            *slot = byte as libc::c_char;
-        }
     }
 }
 
@@ -235,11 +189,5 @@ mod tests {
             assert_eq!(routes_of(gsi), vec![(KVM_IRQCHIP_IOAPIC, gsi)]);
         }
         assert!(routes_of(24).is_empty());
-    }
-
-    #[test]
-    fn lvt_delivery_mode_set_and_unmasked() {
-        assert_eq!(Lvt(0x1_0000).with_delivery_mode(0b111).0, 0x700);
-        assert_eq!(Lvt(0x0000_00FF).with_delivery_mode(0b100).0, 0x4FF);
     }
 }

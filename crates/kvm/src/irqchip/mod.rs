@@ -12,11 +12,17 @@
 //! - [`IrqchipBackend::set_gsi`] / [`IrqchipBackend::send_msi`] from device
 //!   threads, and [`IrqchipBackend::wake`] when a vCPU must stop waiting.
 
+mod host;
 mod kernel;
 mod none;
+mod split;
+mod userspace;
+mod virtual_wire;
 
 pub use kernel::{kernel_gsi_routing, KernelIrqchip};
 pub use none::NoIrqchip;
+pub use split::SplitIrqchip;
+pub use userspace::UserspaceIrqchip;
 
 use crate::kick::VcpuKick;
 use crate::vcpu::Vcpu;
@@ -100,6 +106,22 @@ impl VcpuCtx<'_> {
     pub fn inject_interrupt(&self, vector: u8) -> Result<()> {
         inject_interrupt(&self.vcpu.fd, vector)
     }
+
+    /// Queues an NMI (`KVM_NMI`); KVM delivers it when NMIs are unblocked.
+    pub fn inject_nmi(&self) -> Result<()> {
+        self.vcpu.fd.nmi().map_err(ioctl_err("KVM_NMI"))
+    }
+
+    /// `kvm_run.cr8` as KVM left it at the last exit (the guest's TPR[7:4]).
+    pub fn cr8(&mut self) -> u8 {
+        (self.vcpu.fd.get_kvm_run().cr8 & 0xF) as u8
+    }
+
+    /// Sets `kvm_run.cr8`, which KVM loads into CR8 on the next entry when
+    /// the LAPIC is not in the kernel.
+    pub fn set_cr8(&mut self, cr8: u8) {
+        self.vcpu.fd.get_kvm_run().cr8 = u64::from(cr8 & 0xF);
+    }
 }
 
 mod ioctls {
@@ -154,6 +176,16 @@ pub trait IrqchipBackend: Send + Sync {
     /// EOI of a level-triggered vector routed through a userspace IOAPIC.
     fn on_ioapic_eoi(&self, _vcpu: u32, _vector: u8) {}
 
+    /// First look at a port read (our PIC, ELCR and PIT); `true` if handled.
+    fn pio_read(&self, _vcpu: u32, _port: u16, _data: &mut [u8]) -> bool {
+        false
+    }
+
+    /// First look at a port write; `true` if the backend handled it.
+    fn pio_write(&self, _vcpu: u32, _port: u16, _data: &[u8]) -> bool {
+        false
+    }
+
     /// First look at an MMIO read; `true` if the backend handled it.
     fn mmio_read(&self, _vcpu: u32, _addr: u64, _data: &mut [u8]) -> bool {
         false
@@ -187,4 +219,8 @@ pub trait IrqchipBackend: Send + Sync {
 
     /// Wakes vCPU `vcpu` if it waits inside [`IrqchipBackend::on_hlt`].
     fn wake(&self, _vcpu: u32) {}
+
+    /// The run is over and every vCPU thread has ended: stop helper threads
+    /// (host timers). Called once by [`crate::Machine::run`].
+    fn shutdown(&self) {}
 }

@@ -18,7 +18,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use virq_kvm::irqchip::KernelIrqchip;
+use virq::pit::LostTickPolicy;
+use virq_kvm::irqchip::{KernelIrqchip, SplitIrqchip, UserspaceIrqchip};
 use virq_kvm::{IrqchipBackend, IrqchipMode, Machine, StopCause, Vcpu, VcpuStop, Vm};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -89,6 +90,9 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Serial output.
     pub serial: SerialOut,
+    /// What our PIT does with ticks the guest has not taken yet (split and
+    /// userspace modes; KVM's own PIT always reinjects).
+    pub lost_ticks: LostTickPolicy,
 }
 
 /// A run that could not start.
@@ -140,36 +144,21 @@ pub fn ram_ranges(ram_bytes: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Checks that `mode` can run at all, before anything is created.
-pub fn check_mode(mode: IrqchipMode) -> Result<(), VmError> {
-    match mode {
-        IrqchipMode::Kernel => Ok(()),
-        // SPLIT / USERSPACE: remove these once `make_backend` builds them.
-        IrqchipMode::Split | IrqchipMode::Userspace => Err(VmError::BadInput(format!(
-            "irqchip mode '{}' is not implemented yet",
-            mode.name()
-        ))),
-    }
-}
-
-/// The irqchip backend of `mode` for `vm`.
-///
-/// This is where the split and userspace modes plug in: a
-/// `virq_kvm::irqchip::SplitIrqchip` (KVM_CAP_SPLIT_IRQCHIP in `setup_vm`,
-/// our PIC/IOAPIC/PIT behind `set_gsi`, `on_ioapic_eoi` for resampling) and
-/// a `UserspaceIrqchip` (our LAPICs via `mmio_*`/`msr_*`, KVM_INTERRUPT in
-/// `before_entry`, HLT waits in `on_hlt`, kicks for cross-vCPU delivery).
-fn make_backend(mode: IrqchipMode, vm: &Vm) -> Result<Arc<dyn IrqchipBackend>, VmError> {
-    check_mode(mode)?;
-    Ok(match mode {
+/// The irqchip backend of `mode` for `vm`: KVM's devices, KVM's LAPICs with
+/// our PIC/IOAPIC/PIT, or all of it ours.
+fn make_backend(cfg: &VmConfig, vm: &Vm) -> Arc<dyn IrqchipBackend> {
+    let cpus = cfg.cpus as usize;
+    match cfg.mode {
         IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(vm.fd().clone())),
-        IrqchipMode::Split | IrqchipMode::Userspace => unreachable!("rejected by check_mode"),
-    })
+        IrqchipMode::Split => Arc::new(SplitIrqchip::new(vm.fd().clone(), cpus, cfg.lost_ticks)),
+        IrqchipMode::Userspace => {
+            Arc::new(UserspaceIrqchip::new(vm.fd().clone(), cpus, cfg.lost_ticks))
+        }
+    }
 }
 
 /// Loads `image` and runs it to the end.
 pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
-    check_mode(cfg.mode)?;
     let ram_bytes = cfg.ram_mib << 20;
 
     // Everything that depends only on the input first, so bad input never
@@ -192,7 +181,7 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
     }
     vm.register_memory(&memory)
         .map_err(host("cannot register guest memory"))?;
-    let backend = make_backend(cfg.mode, &vm)?;
+    let backend = make_backend(cfg, &vm);
     backend
         .setup_vm(&vm)
         .map_err(host("cannot set up the irqchip"))?;
