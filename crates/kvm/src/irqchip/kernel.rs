@@ -1,0 +1,245 @@
+//! KVM's in-kernel irqchip: PIC pair, IOAPIC, PIT and one LAPIC per vCPU,
+//! all inside KVM. The reference the other modes are measured against.
+
+use super::{HltAction, IrqchipBackend, VcpuCtx};
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
+use crate::{ioctl_err, Result};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip, kvm_msi,
+    kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::VmFd;
+use std::sync::{Arc, OnceLock};
+
+/// Number of IOAPIC pins of KVM's in-kernel IOAPIC.
+pub const IOAPIC_PINS: u32 = 24;
+
+/// LAPIC register offsets of the two local interrupt LVTs.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+
+/// One local vector table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Lvt(u32);
+
+impl Lvt {
+    const DELIVERY_EXTINT: u32 = 0b111;
+    const DELIVERY_NMI: u32 = 0b100;
+
+    /// Same entry with delivery mode `mode` (bits 10:8) and unmasked (bit 16).
+    fn with_delivery_mode(self, mode: u32) -> Self {
+        Lvt((self.0 & !(0x700 | 0x1_0000)) | (mode << 8))
+    }
+}
+
+/// The in-kernel irqchip backend.
+pub struct KernelIrqchip {
+    vm: Arc<VmFd>,
+    /// Set once the chip exists, so raising before setup is a no-op, not an error.
+    ready: OnceLock<()>,
+}
+
+impl KernelIrqchip {
+    /// A backend for `vm` (call [`IrqchipBackend::setup_vm`] before vCPUs).
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        KernelIrqchip {
+            vm,
+            ready: OnceLock::new(),
+        }
+    }
+}
+
+fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        flags: 0,
+        pad: 0,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip, pin },
+        },
+    }
+}
+
+/// The GSI table of a PC as QEMU wires it: GSI 0 (the PIT) goes to PIC
+/// master pin 0 and IOAPIC pin 2 (the firmware tables carry the matching
+/// interrupt source override IRQ 0 -> GSI 2); GSI 2 has no route at all (it
+/// is the PIC cascade); other GSIs 0-15 go to the PIC and IOAPIC pin = GSI;
+/// 16-23 to the IOAPIC only.
+pub fn kernel_gsi_routing() -> Vec<kvm_irq_routing_entry> {
+    let mut routes = Vec::new();
+    for gsi in 0..16 {
+        if gsi == 2 {
+            continue;
+        }
+        let (chip, pin) = if gsi < 8 {
+            (KVM_IRQCHIP_PIC_MASTER, gsi)
+        } else {
+            (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+        };
+        routes.push(irqchip_route(gsi, chip, pin));
+    }
+    for gsi in 0..IOAPIC_PINS {
+        match gsi {
+            0 => routes.push(irqchip_route(0, KVM_IRQCHIP_IOAPIC, 2)),
+            2 => {}
+            _ => routes.push(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    routes
+}
+
+impl IrqchipBackend for KernelIrqchip {
+    fn name(&self) -> &'static str {
+        "kernel"
+    }
+
+    fn setup_vm(&self, _vm: &Vm) -> Result<()> {
+        self.vm
+            .create_irq_chip()
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            // Port 0x61 is emulated in the kernel too.
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm
+            .create_pit2(pit)
+            .map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        let routing = KvmIrqRouting::from_entries(&kernel_gsi_routing()).map_err(|_| {
+            crate::Error::Ioctl("KVM_SET_GSI_ROUTING", kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))?;
+        let _ = self.ready.set(());
+        Ok(())
+    }
+
+    fn setup_vcpu(&self, vcpu: &Vcpu, boot: bool) -> Result<()> {
+        // Virtual-wire mode: LINT0 takes the PIC's ExtINT, LINT1 is NMI, on
+        // every vCPU (as a PC BIOS leaves them).
+        let mut lapic = vcpu.fd().get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [
+            (APIC_LVT0, Lvt::DELIVERY_EXTINT),
+            (APIC_LVT1, Lvt::DELIVERY_NMI),
+        ] {
+            let reg = read_reg(&lapic.regs, offset);
+            write_reg(&mut lapic.regs, offset, Lvt(reg).with_delivery_mode(mode).0);
+        }
+        vcpu.fd()
+            .set_lapic(&lapic)
+            .map_err(ioctl_err("KVM_SET_LAPIC"))?;
+        // APs wait for INIT/SIPI, which KVM's LAPIC handles.
+        let mp_state = if boot {
+            KVM_MP_STATE_RUNNABLE
+        } else {
+            KVM_MP_STATE_UNINITIALIZED
+        };
+        vcpu.fd()
+            .set_mp_state(kvm_bindings::kvm_mp_state { mp_state })
+            .map_err(ioctl_err("KVM_SET_MP_STATE"))
+    }
+
+    fn on_hlt(&self, _vcpu: &mut VcpuCtx<'_>) -> HltAction {
+        // KVM's LAPIC handles HLT in the kernel; should one still reach us,
+        // entering again makes KVM wait for the interrupt.
+        HltAction::Resume
+    }
+
+    fn set_gsi(&self, gsi: u32, level: bool) -> Result<()> {
+        if self.ready.get().is_none() {
+            return Ok(());
+        }
+        self.vm
+            .set_irq_line(gsi, level)
+            .map_err(ioctl_err("KVM_IRQ_LINE"))
+    }
+
+    fn send_msi(&self, address: u64, data: u32) -> Result<()> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // 0 means the interrupt was blocked (e.g. masked LAPIC), which is
+        // the guest's business, not an error.
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(ioctl_err("KVM_SIGNAL_MSI"))
+    }
+}
+
+fn read_reg(regs: &[libc::c_char; 1024], offset: usize) -> u32 {
+    let mut b = [0u8; 4];
+    for (i, out) in b.iter_mut().enumerate() {
+        *out = regs.get(offset + i).map_or(0, |&c| c as u8);
+    }
+    u32::from_le_bytes(b)
+}
+
+fn write_reg(regs: &mut [libc::c_char; 1024], offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        if let Some(slot) = regs.get_mut(offset + i) {
+            *slot = byte as libc::c_char;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes_of(gsi: u32) -> Vec<(u32, u32)> {
+        kernel_gsi_routing()
+            .iter()
+            .filter(|e| e.gsi == gsi)
+            // SAFETY: every entry built by kernel_gsi_routing is an irqchip route.
+            .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .collect()
+    }
+
+    #[test]
+    fn gsi0_goes_to_pic_pin0_and_ioapic_pin2() {
+        assert_eq!(
+            routes_of(0),
+            vec![(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_IOAPIC, 2)]
+        );
+    }
+
+    #[test]
+    fn gsi2_has_no_route() {
+        assert!(routes_of(2).is_empty());
+    }
+
+    #[test]
+    fn isa_gsis_go_to_pic_and_same_ioapic_pin() {
+        assert_eq!(
+            routes_of(4),
+            vec![(KVM_IRQCHIP_PIC_MASTER, 4), (KVM_IRQCHIP_IOAPIC, 4)]
+        );
+        assert_eq!(
+            routes_of(9),
+            vec![(KVM_IRQCHIP_PIC_SLAVE, 1), (KVM_IRQCHIP_IOAPIC, 9)]
+        );
+    }
+
+    #[test]
+    fn pci_gsis_go_to_ioapic_only() {
+        for gsi in 16..24 {
+            assert_eq!(routes_of(gsi), vec![(KVM_IRQCHIP_IOAPIC, gsi)]);
+        }
+        assert!(routes_of(24).is_empty());
+    }
+
+    #[test]
+    fn lvt_delivery_mode_set_and_unmasked() {
+        assert_eq!(Lvt(0x1_0000).with_delivery_mode(0b111).0, 0x700);
+        assert_eq!(Lvt(0x0000_00FF).with_delivery_mode(0b100).0, 0x4FF);
+    }
+}
