@@ -10,15 +10,18 @@
 //! drop what KVM keeps but never acts on (reserved redirection bits).
 //!
 //! What does not survive a trip through KVM:
-//! - PIC: `single_mode` (KVM always expects ICW3) and `pending_acks`.
+//! - PIC: `single_mode` (KVM always expects ICW3) and `pending_acks`;
+//!   the cascade line is translated between KVM's pulse and our wire.
 //! - IOAPIC: the storm guard (`eoi_redeliveries`, deferred pins), the
 //!   uncollected `acked_pins`, and the line level of an unmasked edge pin
 //!   held asserted (see [`ioapic_to_kvm`]); KVM is always version 0x11.
 //! - PIT: port 0x61 check-enable bits, the lost-tick policy and backlog
 //!   (KVM keeps its reinject state outside `kvm_pit_state2`), the "no count
 //!   written since the control word" state of a programmed counter, the gate
-//!   pause bookkeeping; and `KVM_SET_PIT2` restarts every counter at the
-//!   time of the ioctl, so the counters' phase is lost.
+//!   pause bookkeeping. `KVM_SET_PIT2` reloads counters 1 and 2 at the time
+//!   of the ioctl and restarts counter 0's timer then (it reports counter
+//!   0's load time back as given, but counts from the ioctl), so the
+//!   counters' phase is lost.
 #![forbid(unsafe_code)]
 
 mod bytes;
@@ -117,21 +120,32 @@ impl ClockMap {
 
 // ------------------------------------------------------------------ PIC ---
 
+/// The master's input the slave drives.
+const CASCADE_BIT: u8 = 1 << 2;
+
 /// Our PIC pair as KVM's (master, slave). `single_mode` and
 /// `pending_acks` have no place in KVM's state and are dropped.
+///
+/// The master's cascade input (IR2) follows the two conventions: our model
+/// holds the line (`last_irr` bit 2) high while the slave requests, KVM
+/// pulses it on every update and keeps it low in between, with the request
+/// latched in `irr` either way. So KVM's `last_irr` bit 2 is always clear.
 pub fn pic_to_kvm(state: &PicState) -> (kvm_pic_state, kvm_pic_state) {
-    (
-        pic_chip_to_kvm(&state.master),
-        pic_chip_to_kvm(&state.slave),
-    )
+    let mut master = pic_chip_to_kvm(&state.master);
+    master.last_irr &= !CASCADE_BIT;
+    (master, pic_chip_to_kvm(&state.slave))
 }
 
 /// KVM's PIC pair as ours. Every field is taken as is (non-zero bytes are
-/// true); `single_mode` and `pending_acks` become false and 0. The model's
+/// true), except the master's `last_irr` bit 2, which copies its `irr` bit 2
+/// (the cascade line is high while the request stands; see [`pic_to_kvm`]);
+/// `single_mode` and `pending_acks` become false and 0. The model's
 /// `restore` checks the values.
 pub fn pic_from_kvm(master: &kvm_pic_state, slave: &kvm_pic_state) -> PicState {
+    let mut master = pic_chip_from_kvm(master);
+    master.last_irr = (master.last_irr & !CASCADE_BIT) | (master.irr & CASCADE_BIT);
     PicState {
-        master: pic_chip_from_kvm(master),
+        master,
         slave: pic_chip_from_kvm(slave),
         pending_acks: 0,
     }
@@ -341,7 +355,8 @@ fn ioapic_from_image(b: &[u8]) -> kvm_ioapic_state {
 /// coming count write must find the right mode.
 ///
 /// `flags` carries only [`KVM_PIT_FLAGS_SPEAKER_DATA_ON`] (no HPET legacy
-/// routing). KVM restarts every counter when the state is set.
+/// routing). KVM restarts the counters when the state is set (see the
+/// module docs).
 pub fn pit_to_kvm(state: &PitState, clock: &ClockMap) -> kvm_pit_state2 {
     let [c0, c1, c2] = &state.channels;
     kvm_pit_state2 {

@@ -62,6 +62,9 @@ fn pic_round_trip_keeps_programmed_state() {
     assert_eq!(master.isr, 0x01);
     // IRQ 1 and the cascade (slave's IRQ 11 pending).
     assert_eq!(master.irr, 0x06);
+    // KVM's cascade line rests low; ours is high while the slave requests.
+    assert_eq!(state.master.last_irr, 0x07);
+    assert_eq!(master.last_irr, 0x03);
     assert_eq!(slave.irr, 0x08);
     assert_eq!(master.elcr, 0x20);
     assert_eq!(slave.elcr, 0x08);
@@ -87,6 +90,25 @@ fn pic_single_mode_and_pending_acks_are_dropped() {
     let back = pic_from_kvm(&master, &slave);
     assert!(!back.master.single_mode);
     assert_eq!(back.pending_acks, 0);
+}
+
+#[test]
+fn pic_kvm_latched_cascade_request_raises_our_cascade_line() {
+    let master = kvm_pic_state {
+        irr: 0x04,
+        last_irr: 0x01,
+        ..Default::default()
+    };
+    let back = pic_from_kvm(&master, &kvm_pic_state::default());
+    assert_eq!(back.master.last_irr, 0x05);
+    let master = kvm_pic_state {
+        irr: 0x00,
+        last_irr: 0x04,
+        ..Default::default()
+    };
+    assert_eq!(pic_from_kvm(&master, &master).master.last_irr, 0x00);
+    // The slave has no cascade input: its bit 2 is an ordinary line.
+    assert_eq!(pic_from_kvm(&master, &master).slave.last_irr, 0x04);
 }
 
 #[test]
@@ -411,6 +433,9 @@ fn write_rejects_states_our_models_reject() {
     // No VM is needed: the check runs before any ioctl. A VmFd is still
     // required by the signature, so only run where KVM exists.
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+        if std::env::var("VIRQ_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("/dev/kvm not available but VIRQ_REQUIRE_KVM=1");
+        }
         eprintln!("SKIPPED: /dev/kvm not available");
         return;
     };
