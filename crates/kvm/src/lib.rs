@@ -15,6 +15,7 @@
 pub mod irqchip;
 pub mod kick;
 pub mod machine;
+pub mod state;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
