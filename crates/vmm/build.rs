@@ -1,6 +1,8 @@
 //! Builds the bare-metal guests (their own cargo workspace under `guests/`)
-//! and leaves the demo image at `$OUT_DIR/demo-guest.elf` in ELF32 form, the
-//! very bytes QEMU's multiboot loader runs too.
+//! and leaves every guest image at `$OUT_DIR/<name>-guest.elf` in ELF32 form,
+//! the very bytes QEMU's multiboot loader runs too. A guest is a directory of
+//! guests/ with a `src/main.rs`; the binary embedded by `virq demo` is
+//! `demo-guest.elf`, and the tests run the others from the same place.
 
 use std::env;
 use std::ffi::OsString;
@@ -26,9 +28,6 @@ const CLEARED_ENV: &[&str] = &[
     "MAKEFLAGS",
     "MFLAGS",
 ];
-
-/// The guest binary embedded by the VMM.
-const DEMO_BIN: &str = "demo";
 
 fn main() {
     let manifest_dir =
@@ -56,18 +55,35 @@ fn main() {
     }
     run(&mut cmd, "building the guests");
 
-    let elf64 = target_dir
-        .join("x86_64-unknown-linux-gnu/release")
-        .join(DEMO_BIN);
     let objcopy = env::var_os("OBJCOPY").unwrap_or_else(|| OsString::from("objcopy"));
-    let mut cmd = Command::new(objcopy);
-    cmd.args(["-O", "elf32-i386"])
-        .arg(&elf64)
-        .arg(out_dir.join("demo-guest.elf"));
-    run(&mut cmd, "converting the demo guest to ELF32");
+    for name in guest_binaries(&guests) {
+        let elf64 = target_dir
+            .join("x86_64-unknown-linux-gnu/release")
+            .join(&name);
+        let mut cmd = Command::new(&objcopy);
+        cmd.args(["-O", "elf32-i386"])
+            .arg(&elf64)
+            .arg(out_dir.join(format!("{name}-guest.elf")));
+        run(&mut cmd, "converting a guest to ELF32");
+    }
 
     println!("cargo:rerun-if-env-changed=OBJCOPY");
     rerun_if_guests_change(&guests);
+}
+
+/// The guest programs: directories of guests/ with a `src/main.rs`.
+fn guest_binaries(guests: &Path) -> Vec<String> {
+    let entries = match std::fs::read_dir(guests) {
+        Ok(entries) => entries,
+        Err(e) => fail(format_args!("reading {}: {e}", guests.display())),
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().join("src/main.rs").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Runs `cmd`; on failure stops the build with its full output.
