@@ -242,6 +242,24 @@ impl RoutingTable {
             .map(|(gsi, _)| gsi)
     }
 
+    /// The GSIs, in ascending order, with a route to an acknowledged chip
+    /// pin: `pic_irqs` bit n is PIC input n (8-15 on the slave), `ioapic_pins`
+    /// bit n is IOAPIC pin n. One pass, no allocation: this runs on every EOI.
+    pub fn gsis_acked(&self, pic_irqs: u16, ioapic_pins: u32) -> impl Iterator<Item = u32> + '_ {
+        let acked = move |route: &Route| match *route {
+            Route::Pic { chip, pin } => {
+                let irq = pin + if chip == PicChip::Slave { 8 } else { 0 };
+                irq < 16 && pic_irqs & (1 << irq) != 0
+            }
+            Route::Ioapic { pin } => pin < 32 && ioapic_pins & (1 << pin) != 0,
+            Route::Msi(_) => false,
+        };
+        (0u32..)
+            .zip(&self.by_gsi)
+            .filter(move |(_, routes)| routes.iter().any(acked))
+            .map(|(gsi, _)| gsi)
+    }
+
     /// Save the table.
     pub fn save(&self) -> RoutingTableState {
         RoutingTableState {
@@ -548,6 +566,22 @@ mod tests {
         assert!(t.routes(1).is_empty());
         assert_eq!(t.routes(30), &[msi()]);
         assert_eq!(t.entries(), vec![entry(30, msi())]);
+    }
+
+    #[test]
+    fn acked_pins_map_back_to_every_gsi_routed_there_in_order() {
+        let t = RoutingTable::default_pc();
+        // IOAPIC pin 2 is GSI 0 (the override); slave input 12 is GSI 12.
+        assert_eq!(t.gsis_acked(0, 1 << 2).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(t.gsis_acked(1 << 12, 0).collect::<Vec<_>>(), vec![12]);
+        assert_eq!(
+            t.gsis_acked(1 << 3, (1 << 3) | (1 << 20)).collect::<Vec<_>>(),
+            vec![3, 20]
+        );
+        assert_eq!(t.gsis_acked(0, 0).count(), 0);
+        // Two GSIs sharing one pin are both acknowledged.
+        let shared = RoutingTable::new(vec![entry(5, ioapic(9)), entry(9, ioapic(9))]).unwrap();
+        assert_eq!(shared.gsis_acked(0, 1 << 9).collect::<Vec<_>>(), vec![5, 9]);
     }
 
     #[test]

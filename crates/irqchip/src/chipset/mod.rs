@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::{
-    resolve, ApicAddressing, ApicBus, DeliveryMode, InterruptMessage, IrqStatus, TriggerMode,
+    resolve, ApicAddressing, ApicBus, DeliveryMode, InterruptMessage, IrqStatus,
 };
 use crate::inject::{Decision, PendingEvents};
 use crate::ioapic::{Ioapic, IoapicVersion, IOAPIC_BASE, IOAPIC_PINS};
@@ -312,30 +312,13 @@ impl Chipset {
     pub fn set_gsi(&mut self, gsi: u32, source: SourceId, level: bool, now_ns: u64) -> IrqStatus {
         let was = self.levels.level(gsi);
         let line = self.levels.set(gsi, source, level);
-        let routes: Vec<Route> = self.routing.routes(gsi).to_vec();
-        let mut results = Vec::with_capacity(routes.len());
-        for route in routes {
-            let status = match route {
-                Route::Pic { chip, pin } => {
-                    let irq = match chip {
-                        PicChip::Master => pin,
-                        PicChip::Slave => pin + 8,
-                    };
-                    let status = self.pic.set_irq(irq, line);
-                    self.pic_output_changed();
-                    status
-                }
-                Route::Ioapic { pin } => {
-                    let (mut bus, ioapic) = self.bus(now_ns);
-                    ioapic.set_irq(usize::from(pin), line, now_ns, &mut bus)
-                }
-                // An MSI route fires on the rising edge only, as KVM does.
-                Route::Msi(msi) if line && !was => self.deliver_msi(msi, now_ns),
-                Route::Msi(_) => IrqStatus::Masked,
-            };
-            results.push(status);
-        }
-        let status = combine(results);
+        // Indexing (rather than copying the routes out) keeps this path free
+        // of allocation; the table cannot change while we drive it.
+        let n_routes = self.routing.routes(gsi).len();
+        let status = combine((0..n_routes).map(|i| {
+            let route = self.routing.routes(gsi)[i];
+            self.drive_route(route, line, line && !was, now_ns)
+        }));
         if line && !was && matches!(status, IrqStatus::Delivered(_)) {
             if let Some(n) = self.counts.gsi.get_mut(gsi as usize) {
                 *n += 1;
@@ -345,18 +328,44 @@ impl Chipset {
         status
     }
 
+    /// Set one chip input of a GSI to the line's new level.
+    fn drive_route(&mut self, route: Route, line: bool, rising: bool, now_ns: u64) -> IrqStatus {
+        match route {
+            Route::Pic { chip, pin } => {
+                let irq = match chip {
+                    PicChip::Master => pin,
+                    PicChip::Slave => pin + 8,
+                };
+                let status = self.pic.set_irq(irq, line);
+                self.pic_output_changed();
+                status
+            }
+            Route::Ioapic { pin } => {
+                let (mut bus, ioapic) = self.bus(now_ns);
+                ioapic.set_irq(usize::from(pin), line, now_ns, &mut bus)
+            }
+            // An MSI route fires on the rising edge only, as KVM does.
+            Route::Msi(msi) if rising => self.deliver_msi(msi, now_ns),
+            Route::Msi(_) => IrqStatus::Masked,
+        }
+    }
+
     /// Deliver an MSI written by a device.
     pub fn send_msi(&mut self, msi: MsiMessage, now_ns: u64) -> Result<IrqStatus, ChipsetError> {
-        msi.decode()?;
-        Ok(self.deliver_msi(msi, now_ns))
+        let msg = msi.decode()?;
+        Ok(self.deliver_message(&msg, now_ns))
     }
 
     fn deliver_msi(&mut self, msi: MsiMessage, now_ns: u64) -> IrqStatus {
-        let Ok(msg) = msi.decode() else {
-            return IrqStatus::Masked;
-        };
+        match msi.decode() {
+            Ok(msg) => self.deliver_message(&msg, now_ns),
+            Err(_) => IrqStatus::Masked,
+        }
+    }
+
+    fn deliver_message(&mut self, msg: &InterruptMessage, now_ns: u64) -> IrqStatus {
         let (mut bus, _) = self.bus(now_ns);
-        let n = bus.deliver(&msg);
+        let n = bus.deliver(msg);
         self.counts.msi += 1;
         if n == 0 {
             IrqStatus::Masked
@@ -386,35 +395,15 @@ impl Chipset {
     fn collect_acks(&mut self, now_ns: u64) {
         let pic_acked = self.pic.take_acked();
         let ioapic_acked = self.ioapic.take_acked_pins();
-        if pic_acked == 0 && ioapic_acked == 0 {
-            return;
-        }
-        let pic_routes = (0u8..16)
-            .filter(|irq| pic_acked & (1 << irq) != 0)
-            .map(|irq| Route::Pic {
-                chip: if irq < 8 {
-                    PicChip::Master
-                } else {
-                    PicChip::Slave
-                },
-                pin: irq % 8,
-            });
-        let ioapic_routes = (0u8..IOAPIC_PINS as u8)
-            .filter(|pin| ioapic_acked & (1 << pin) != 0)
-            .map(|pin| Route::Ioapic { pin });
-        let routes: Vec<Route> = pic_routes.chain(ioapic_routes).collect();
-        self.ack_routes(&routes, now_ns);
+        self.ack_pins(pic_acked, ioapic_acked, now_ns);
     }
 
     /// The guest acknowledged what came in through these chip pins.
-    fn ack_routes(&mut self, routes: &[Route], now_ns: u64) {
-        let mut gsis: Vec<u32> = routes
-            .iter()
-            .flat_map(|r| self.routing.gsis_for(r))
-            .collect();
-        gsis.sort_unstable();
-        gsis.dedup();
-        for gsi in gsis {
+    fn ack_pins(&mut self, pic_irqs: u16, ioapic_pins: u32, now_ns: u64) {
+        if pic_irqs == 0 && ioapic_pins == 0 {
+            return;
+        }
+        for gsi in self.routing.gsis_acked(pic_irqs, ioapic_pins) {
             if gsi == 0 {
                 self.pit.irq0_acked(now_ns);
             }
@@ -434,17 +423,8 @@ impl Chipset {
     /// acknowledges the pins using that vector (KVM's ack notifiers see it
     /// too): this is how PIT ticks through the IOAPIC count as taken.
     fn edge_eoi(&mut self, vector: u8, now_ns: u64) {
-        let routes: Vec<Route> = (0u8..IOAPIC_PINS as u8)
-            .filter(|&pin| {
-                self.ioapic
-                    .entry_message(usize::from(pin))
-                    .is_some_and(|(msg, _)| {
-                        msg.vector == vector && msg.trigger_mode == TriggerMode::Edge
-                    })
-            })
-            .map(|pin| Route::Ioapic { pin })
-            .collect();
-        self.ack_routes(&routes, now_ns);
+        let pins = self.ioapic.edge_pins_with_vector(vector);
+        self.ack_pins(0, pins, now_ns);
     }
 
     /// Port I/O read; returns false if the port is not the chipset's.

@@ -2,6 +2,7 @@
 //! MSRs, with the caller's clock.
 
 use super::*;
+use crate::delivery::TriggerMode;
 use crate::inject::{decide, Interruptibility};
 use crate::lapic::APIC_BASE_DEFAULT;
 use crate::pit::LostTickPolicy;

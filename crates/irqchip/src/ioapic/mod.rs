@@ -248,6 +248,15 @@ impl Ioapic {
         self.rtes.get(pin).map(|rte| (rte.message(), rte.masked()))
     }
 
+    /// Edge-triggered pins (bit n = pin n) whose entry carries `vector`.
+    pub fn edge_pins_with_vector(&self, vector: u8) -> u32 {
+        self.rtes
+            .iter()
+            .enumerate()
+            .filter(|(_, rte)| rte.vector() == vector && !rte.is_level())
+            .fold(0, |acc, (pin, _)| acc | (1 << pin))
+    }
+
     /// Guest read of `data.len()` bytes at `offset` in the IOAPIC page.
     ///
     /// Offsets are decoded modulo 0x100. 0x00 reads IOREGSEL and 0x10 the

@@ -873,3 +873,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn edge_pins_with_vector_names_only_edge_entries_carrying_it() {
+    let mut io = Ioapic::new(IoapicVersion::V11);
+    let mut bus = RecordingBus::new();
+    program(&mut io, 3, 0x31, 0, &mut bus);
+    program(&mut io, 7, 0x31, 0, &mut bus);
+    program(&mut io, 9, 0x8031, 0, &mut bus); // level: its EOI comes by broadcast
+    program(&mut io, 11, 0x32, 0, &mut bus);
+    assert_eq!(io.edge_pins_with_vector(0x31), (1 << 3) | (1 << 7));
+    assert_eq!(io.edge_pins_with_vector(0x32), 1 << 11);
+    assert_eq!(io.edge_pins_with_vector(0x99), 0);
+}
