@@ -575,7 +575,8 @@ mod tests {
         assert_eq!(t.gsis_acked(0, 1 << 2).collect::<Vec<_>>(), vec![0]);
         assert_eq!(t.gsis_acked(1 << 12, 0).collect::<Vec<_>>(), vec![12]);
         assert_eq!(
-            t.gsis_acked(1 << 3, (1 << 3) | (1 << 20)).collect::<Vec<_>>(),
+            t.gsis_acked(1 << 3, (1 << 3) | (1 << 20))
+                .collect::<Vec<_>>(),
             vec![3, 20]
         );
         assert_eq!(t.gsis_acked(0, 0).count(), 0);
