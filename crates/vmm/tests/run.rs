@@ -108,6 +108,11 @@ fn triple_fault_guest() -> Vec<u8> {
 /// 0x8000 and starts vCPU 1 there with INIT and SIPI through the LAPIC's ICR,
 /// then halts: only the AP can end the run.
 fn ap_startup_guest() -> Vec<u8> {
+    ap_startup_guest_for(1)
+}
+
+/// [`ap_startup_guest`] aimed at the AP with APIC ID `apic_id`.
+fn ap_startup_guest_for(apic_id: u8) -> Vec<u8> {
     let mut code = Vec::new();
     let mut store = |addr: u32, value: u32| {
         code.extend_from_slice(&[0xC7, 0x05]); // mov dword [addr], value
@@ -116,7 +121,7 @@ fn ap_startup_guest() -> Vec<u8> {
     };
     store(0x8000, u32::from_le_bytes([0xB0, 0x00, 0xE6, 0xF4]));
     store(0x8004, u32::from_le_bytes([0xF4, 0xEB, 0xFD, 0x90]));
-    store(0xFEE0_0310, 1 << 24); // ICR high: APIC ID 1
+    store(0xFEE0_0310, u32::from(apic_id) << 24); // ICR high: the AP's APIC ID
     store(0xFEE0_0300, 0x4500); // INIT, level assert
     store(0xFEE0_0300, 0x4608); // SIPI, vector 0x08 -> 0x8000
     code.extend_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt loop
@@ -188,6 +193,23 @@ fn too_many_cpus_is_bad_input() {
 #[test]
 fn zero_memory_is_bad_input() {
     assert_bad_input(&virq(&["run", "--memory", "0", "img"]));
+}
+
+#[test]
+fn too_much_memory_is_bad_input() {
+    assert_bad_input(&virq(&["run", "--memory", "65537", "img"]));
+}
+
+#[test]
+fn segment_outside_ram_is_bad_input() {
+    let mut elf = hello_guest();
+    // Move the one PT_LOAD (p_vaddr, p_paddr at 52 + 8 / 52 + 12) to 1 GiB.
+    elf[60..64].copy_from_slice(&0x4000_0000u32.to_le_bytes());
+    elf[64..68].copy_from_slice(&0x4000_0000u32.to_le_bytes());
+    let img = TempFile::new("outside-ram", &elf);
+    let o = virq(&["run", "--memory", "16", img.0.to_str().unwrap()]);
+    assert_bad_input(&o);
+    assert!(stderr(&o).contains("outside guest RAM"), "{}", stderr(&o));
 }
 
 #[test]
@@ -311,6 +333,36 @@ fn spinning_guest_times_out_with_status_8_in_every_mode() {
         );
         assert!(err.contains(&rip), "{mode}: stderr: {err}");
         assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+}
+
+/// The largest machine: 255 vCPUs (one thread each), and the last AP (APIC
+/// ID 254) started by INIT/SIPI ends the run.
+#[test]
+fn last_of_255_vcpus_starts_and_ends_the_run_in_every_mode() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let img = TempFile::new("ap254", &ap_startup_guest_for(254));
+    for mode in MODES {
+        let json = TempFile::new(&format!("ap254-stats-{mode}.json"), b"");
+        let o = virq(&[
+            "run",
+            "--irqchip",
+            mode,
+            "--cpus",
+            "255",
+            "--timeout",
+            "60",
+            "--stats-json",
+            json.0.to_str().unwrap(),
+            img.0.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{mode}: stderr: {}", stderr(&o));
+        let stats: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json.0).unwrap()).unwrap();
+        assert_eq!(stats["exits_per_vcpu"][254]["io"], 1, "{mode}");
+        assert_eq!(stats["exits_per_vcpu"][1]["io"], 0, "{mode}");
     }
 }
 
