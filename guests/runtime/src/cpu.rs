@@ -9,7 +9,7 @@ use crate::boot::isr_stub;
 use crate::lapic;
 use core::arch::asm;
 use core::ptr::{addr_of, addr_of_mut};
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Most CPUs a guest brings up.
 pub const MAX_CPUS: usize = 8;
@@ -138,6 +138,24 @@ pub struct InterruptFrame {
 
 /// An interrupt handler. It runs with interrupts off and must not print.
 pub type Handler = fn(&mut InterruptFrame);
+
+/// Vectors whose automatic EOI is left out (bit n of word n / 64).
+static NO_AUTO_EOI: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Whether the dispatcher EOIs `vector` after its handler (the default), or
+/// leaves it in service: a guest that never EOIs, on purpose.
+pub fn set_auto_eoi(vector: u8, on: bool) {
+    let (word, bit) = (usize::from(vector) / 64, 1u64 << (vector % 64));
+    if on {
+        NO_AUTO_EOI[word].fetch_and(!bit, Ordering::AcqRel);
+    } else {
+        NO_AUTO_EOI[word].fetch_or(bit, Ordering::AcqRel);
+    }
+}
+
+fn auto_eoi(vector: usize) -> bool {
+    NO_AUTO_EOI[vector / 64].load(Ordering::Acquire) & (1 << (vector % 64)) == 0
+}
 
 /// Registers `handler` for `vector` (replacing any earlier one).
 pub fn set_handler(vector: u8, handler: Handler) {
@@ -298,6 +316,9 @@ extern "C" fn virq_isr_dispatch(frame: &mut InterruptFrame) {
         handler(frame);
     } else if vector < 32 {
         fatal_exception(frame);
+    }
+    if !auto_eoi(vector) {
+        return;
     }
     match vector {
         // Legacy PIC range: acknowledge at the PIC unless spurious.
