@@ -128,6 +128,18 @@ fn ap_startup_guest_for(apic_id: u8) -> Vec<u8> {
     multiboot_elf(&code)
 }
 
+/// Enables SSE (CR4.OSFXSR) and runs `xorps`: KVM's instruction emulator,
+/// which runs ring-0 code on the nested hosts here, cannot, and real
+/// hardware can. Either the VMM reports the failure or the guest exits.
+fn sse_guest() -> Vec<u8> {
+    let mut code = vec![0x0F, 0x20, 0xE0]; // mov eax, cr4
+    code.extend_from_slice(&[0x0D, 0x00, 0x02, 0x00, 0x00]); // or eax, 0x200
+    code.extend_from_slice(&[0x0F, 0x22, 0xE0]); // mov cr4, eax
+    code.extend_from_slice(&[0x0F, 0x57, 0xC0]); // xorps xmm0, xmm0
+    code.extend_from_slice(&EXIT_SUCCESS);
+    multiboot_elf(&code)
+}
+
 fn spin_guest() -> Vec<u8> {
     multiboot_elf(&[0xEB, 0xFE]) // jmp $
 }
@@ -300,6 +312,29 @@ fn triple_fault_is_status_4_with_one_line_in_every_mode() {
         assert_eq!(err.lines().count(), 1, "{mode}: stderr: {err}");
         assert!(
             err.starts_with("virq: vCPU 0 triple fault at rip 0x"),
+            "{mode}: stderr: {err}"
+        );
+    }
+}
+
+#[test]
+fn emulation_failure_is_status_6_with_one_line_in_every_mode() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let img = TempFile::new("sse", &sse_guest());
+    for mode in MODES {
+        let o = virq(&["run", "--irqchip", mode, img.0.to_str().unwrap()]);
+        let err = stderr(&o);
+        if o.status.code() == Some(1) {
+            // Hardware virtualization ran the instruction natively.
+            eprintln!("{mode}: xorps ran natively; the failure path is not reachable here");
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(6), "{mode}: stderr: {err}");
+        assert_eq!(err.lines().count(), 1, "{mode}: stderr: {err}");
+        assert!(
+            err.starts_with("virq: vCPU 0 ") && err.contains(" at rip 0x"),
             "{mode}: stderr: {err}"
         );
     }
