@@ -15,6 +15,41 @@
 //! - [`routing`]: the GSI routing table and per-source line levels;
 //! - [`inject`]: which event a vCPU takes next, given its interruptibility;
 //! - [`chipset`]: all of the above wired together as on the board.
+//!
+//! # Example: a userspace irqchip's vCPU loop, in miniature
+//!
+//! ```
+//! use virq::chipset::{ChipEvent, Chipset, ChipsetConfig, LapicPlacement};
+//! use virq::inject::{decide, Decision, Interruptibility};
+//! use virq::ioapic::IoapicVersion;
+//! use virq::msi::MsiMessage;
+//! use virq::pit::LostTickPolicy;
+//!
+//! let mut chip = Chipset::new(ChipsetConfig {
+//!     vcpus: 2,
+//!     lapics: LapicPlacement::Model,
+//!     ioapic_version: IoapicVersion::V20,
+//!     pit_policy: LostTickPolicy::Reinject,
+//!     tsc_hz: 2_000_000_000,
+//!     tsc_offset: 0,
+//! })?;
+//! let now = 0;
+//! // The guest software-enables vCPU 1's LAPIC (an MMIO exit on vCPU 1).
+//! chip.mmio_write(1, 0xFEE0_00F0, &0x1FFu32.to_le_bytes(), now);
+//! // A device sends an MSI: vector 0x41 to APIC ID 1.
+//! chip.send_msi(MsiMessage { address: 0xFEE0_1000, data: 0x41 }, now)?;
+//! // The VMM kicks the vCPUs the chipset names...
+//! assert!(chip.drain_events().any(|e| e == ChipEvent::Kick(1)));
+//! // ...and before the next entry decides what vCPU 1 takes.
+//! let cpu = Interruptibility { if_flag: true, ..Default::default() };
+//! let decision = decide(&chip.pending(1), &cpu);
+//! assert_eq!(decision, Decision::InjectVector(0x41));
+//! assert_eq!(chip.acknowledge(1, decision, now), Some(0x41)); // KVM_INTERRUPT 0x41
+//! // The handler's EOI comes back as another MMIO write.
+//! chip.mmio_write(1, 0xFEE0_00B0, &0u32.to_le_bytes(), now);
+//! assert_eq!(chip.pending(1).vector, None);
+//! # Ok::<(), virq::chipset::ChipsetError>(())
+//! ```
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
