@@ -458,3 +458,81 @@ fn isa_gsi_reaching_pic_and_ioapic_reports_the_sum_as_kvm_does() {
     // A GSI with no route at all is ignored.
     assert_eq!(c.set_gsi(2, SourceId::USER, true, 0), IrqStatus::Masked);
 }
+
+/// Initialise the master 8259A as a BIOS does: vector base 0x20, slave on
+/// IR2, 8086 mode, then `imr` as the mask.
+fn init_master_pic(c: &mut Chipset, imr: u8) {
+    for (port, value) in [
+        (0x20, 0x11),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, imr),
+    ] {
+        c.pio_write(port, &[value], 0);
+    }
+}
+
+#[test]
+fn pit_tick_reaches_pic_irq0_and_reinject_waits_for_the_pic_eoi() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    init_master_pic(&mut c, 0xFE); // IRQ 0 only; IOAPIC pin 2 stays masked
+    program_pit(&mut c, 11932, 0); // ~10 ms
+    let first = c.next_deadline().expect("PIT armed");
+    let late = first + 35_000_000; // a stall: more ticks are owed
+    c.advance(late);
+    assert_eq!(c.counts().pit, 1);
+    assert_eq!(take(&mut c, 0), Some(0x20), "IRQ 0 at the master's base");
+    c.advance(late + 1);
+    assert_eq!(c.counts().pit, 1, "no second tick before the EOI");
+    c.pio_write(0x20, &[0x20], late + 2); // non-specific EOI
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+    let due = c.next_deadline().expect("backlog due");
+    c.advance(due);
+    assert_eq!(c.counts().pit, 2, "the owed tick follows the PIC EOI");
+    assert_eq!(take(&mut c, 0), Some(0x20));
+}
+
+#[test]
+fn unmasking_pic_irq0_drops_the_pit_backlog() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    init_master_pic(&mut c, 0xFF);
+    program_pit(&mut c, 11932, 0);
+    let first = c.next_deadline().expect("armed");
+    let late = first + 50_000_000;
+    c.advance(late);
+    let owed = c.pit().backlog();
+    assert!(owed > 0);
+    c.pio_write(0x21, &[0xFD], late); // IRQ 1 unmasked, IRQ 0 still masked
+    assert_eq!(c.pit().backlog(), owed);
+    c.pio_write(0x21, &[0xFC], late); // IRQ 0 unmasked
+    assert_eq!(c.pit().backlog(), 0);
+}
+
+#[test]
+fn nmi_watchdog_follows_every_tick_only_while_lvt0_is_nmi() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x30, 0); // the PIT's pin, edge, to vCPU 0
+    write32(&mut c, 1, LVT0, 0x400); // vCPU 1: LINT0 in NMI mode
+    program_pit(&mut c, 11932, 0);
+    for tick in 1..=3 {
+        events(&mut c);
+        let due = c.next_deadline().expect("armed");
+        c.advance(due);
+        assert_eq!(c.counts().pit, tick);
+        assert!(c.pending(1).nmi, "tick {tick}");
+        assert!(events(&mut c).contains(&ChipEvent::Kick(1)));
+        assert_eq!(c.acknowledge(1, Decision::InjectNmi, due), None);
+        assert!(!c.pending(1).nmi);
+        assert!(!c.pending(0).nmi, "vCPU 0's LVT0 is not in NMI mode");
+        assert_eq!(take(&mut c, 0), Some(0x30));
+        write32(&mut c, 0, EOI, 0); // the ack lets the next tick through
+    }
+    write32(&mut c, 1, LVT0, 0x1_0400); // masked: the watchdog stops
+    let due = c.next_deadline().expect("armed");
+    c.advance(due);
+    assert_eq!(c.counts().pit, 4);
+    assert!(!c.pending(1).nmi);
+}
