@@ -459,6 +459,8 @@ fn isa_gsi_reaching_pic_and_ioapic_reports_the_sum_as_kvm_does() {
     assert_eq!(c.set_gsi(2, SourceId::USER, true, 0), IrqStatus::Masked);
 }
 
+const TPR: u64 = LAPIC + 0x80;
+
 /// Initialise the master 8259A as a BIOS does: vector base 0x20, slave on
 /// IR2, 8086 mode, then `imr` as the mask.
 fn init_master_pic(c: &mut Chipset, imr: u8) {
@@ -535,4 +537,53 @@ fn nmi_watchdog_follows_every_tick_only_while_lvt0_is_nmi() {
     c.advance(due);
     assert_eq!(c.counts().pit, 4);
     assert!(!c.pending(1).nmi);
+}
+
+#[test]
+fn extint_bypasses_tpr_and_ppr() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    init_master_pic(&mut c, 0xF5); // IRQ 1 and 3
+    write32(&mut c, 0, TPR, 0xFF); // blocks every vector
+    c.set_gsi(1, SourceId::USER, true, 0);
+    let pending = c.pending(0);
+    assert!(pending.extint);
+    assert_eq!(decide(&pending, &OPEN), Decision::InjectExtInt);
+    assert_eq!(c.acknowledge(0, Decision::InjectExtInt, 0), Some(0x21));
+    c.set_gsi(1, SourceId::USER, false, 0);
+    c.pio_write(0x20, &[0x20], 0);
+    // An ExtINT message from the IOAPIC (LINT0 masked) is not held back either.
+    write32(&mut c, 0, LVT0, 0x1_0700);
+    set_rte(&mut c, 3, 0x700, 0); // ExtINT, edge, to vCPU 0
+    c.set_gsi(3, SourceId::USER, true, 0);
+    let pending = c.pending(0);
+    assert!(pending.extint);
+    assert_eq!(pending.vector, None);
+    assert_eq!(decide(&pending, &OPEN), Decision::InjectExtInt);
+    assert_eq!(
+        c.acknowledge(0, Decision::InjectExtInt, 0),
+        Some(0x23),
+        "the vector comes from the PIC's INTA"
+    );
+}
+
+#[test]
+fn pic_interrupt_reaches_a_hardware_disabled_lapic_directly() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    init_master_pic(&mut c, 0xFD);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert!(
+        !c.pending(0).extint,
+        "an enabled LAPIC with LINT0 masked keeps the PIC out"
+    );
+    c.msr_write(0, 0x1B, 0xFEE0_0100, 0)
+        .expect("disabling is legal");
+    assert!(c.pending(0).extint);
+    assert_eq!(take(&mut c, 0), Some(0x21));
+    // A new request while disabled kicks the vCPU.
+    c.set_gsi(1, SourceId::USER, false, 0);
+    c.pio_write(0x20, &[0x20], 0);
+    events(&mut c);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert!(events(&mut c).contains(&ChipEvent::Kick(0)));
 }
