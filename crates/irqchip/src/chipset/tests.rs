@@ -459,6 +459,7 @@ fn isa_gsi_reaching_pic_and_ioapic_reports_the_sum_as_kvm_does() {
     assert_eq!(c.set_gsi(2, SourceId::USER, true, 0), IrqStatus::Masked);
 }
 
+const VERSION: u64 = LAPIC + 0x30;
 const TPR: u64 = LAPIC + 0x80;
 
 /// Initialise the master 8259A as a BIOS does: vector base 0x20, slave on
@@ -586,4 +587,78 @@ fn pic_interrupt_reaches_a_hardware_disabled_lapic_directly() {
     events(&mut c);
     c.set_gsi(1, SourceId::USER, true, 0);
     assert!(events(&mut c).contains(&ChipEvent::Kick(0)));
+}
+
+#[test]
+fn rte_retarget_to_another_vcpu_while_in_service_keeps_the_eoi() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0); // level, to vCPU 0
+    c.set_gsi(10, SourceId::USER, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    // Retarget to vCPU 1 by writing only the high half, 0x41 still in service.
+    write32(&mut c, 0, IOAPIC_BASE, 0x11 + 2 * 10);
+    write32(&mut c, 0, IOAPIC_BASE + 0x10, 1 << 24);
+    events(&mut c);
+    write32(&mut c, 0, EOI, 0); // vCPU 0 ends it
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(
+        take(&mut c, 1),
+        Some(0x41),
+        "still high: sent to the new target"
+    );
+    assert_eq!(take(&mut c, 0), None);
+    c.set_gsi(10, SourceId::USER, false, 0);
+    write32(&mut c, 1, EOI, 0);
+    assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0, "remote IRR clear");
+}
+
+#[test]
+fn lapic_advertises_eoi_broadcast_suppression_only_with_ioapic_v20() {
+    for (version, directed) in [(IoapicVersion::V11, false), (IoapicVersion::V20, true)] {
+        let mut c = Chipset::new(ChipsetConfig {
+            vcpus: 2,
+            lapics: LapicPlacement::Model,
+            ioapic_version: version,
+            pit_policy: LostTickPolicy::Reinject,
+            tsc_hz: 1_000_000_000,
+            tsc_offset: 0,
+        })
+        .expect("valid config");
+        for cpu in 0..2 {
+            assert_eq!(
+                read32(&mut c, cpu, VERSION) & (1 << 24) != 0,
+                directed,
+                "{version:?}"
+            );
+            write32(&mut c, cpu, SVR, 0x11FF);
+            assert_eq!(
+                read32(&mut c, cpu, SVR) & (1 << 12) != 0,
+                directed,
+                "{version:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn suppressed_eoi_broadcast_leaves_the_eoi_to_the_ioapic_register() {
+    let mut c = chipset(1, LapicPlacement::Model); // IOAPIC 0x20
+    mask_pics(&mut c);
+    write32(&mut c, 0, SVR, 0x11FF); // enabled, EOI broadcast suppressed
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0);
+    c.set_gsi(10, SourceId::USER, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    c.set_gsi(10, SourceId::USER, false, 0);
+    events(&mut c);
+    write32(&mut c, 0, EOI, 0);
+    assert!(!events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_ne!(
+        rte_low(&mut c, 10) & (1 << 14),
+        0,
+        "remote IRR waits for the directed EOI"
+    );
+    write32(&mut c, 0, IOAPIC_BASE + 0x40, 0x41);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0);
 }
