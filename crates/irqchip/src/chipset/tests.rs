@@ -662,3 +662,24 @@ fn suppressed_eoi_broadcast_leaves_the_eoi_to_the_ioapic_register() {
     assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
     assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0);
 }
+
+#[test]
+fn x2apic_icr_to_a_cluster_beyond_the_map_reaches_nobody() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    for cpu in 0..2 {
+        c.msr_write(cpu, 0x1B, 0xFEE0_0C00, 0).expect("to x2APIC");
+    }
+    for destination in [0xFFFF_0002u64, 0x1000_0002, 0x8000_0000] {
+        c.msr_write(0, 0x830, destination << 32 | 0x800 | 0x61, 0)
+            .expect("valid ICR");
+        c.msr_write(0, 0x830, destination << 32 | 0x61, 0)
+            .expect("valid ICR");
+    }
+    assert_eq!(c.pending(1).vector, None);
+    assert_eq!(c.pending(0).vector, None);
+    // Cluster 0, bit 1 is vCPU 1.
+    c.msr_write(0, 0x830, 0x0000_0002u64 << 32 | 0x800 | 0x61, 0)
+        .expect("valid ICR");
+    assert_eq!(take(&mut c, 1), Some(0x61));
+}
