@@ -664,6 +664,63 @@ fn suppressed_eoi_broadcast_leaves_the_eoi_to_the_ioapic_register() {
 }
 
 #[test]
+fn pit_pulse_on_gsi0_does_not_drop_a_device_holding_the_line() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x8000 | 0x30, 0); // GSI 0's pin, level
+    let device = SourceId::new(9).expect("id");
+    assert_eq!(c.set_gsi(0, device, true, 0), IrqStatus::Delivered(1));
+    assert_eq!(take(&mut c, 0), Some(0x30));
+    program_pit(&mut c, 11932, 0);
+    let due = c.next_deadline().expect("armed");
+    c.advance(due); // the PIT raises and lowers GSI 0 as its own source
+    assert_eq!(c.counts().pit, 1);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(
+        take(&mut c, 0),
+        Some(0x30),
+        "the device still holds GSI 0 high"
+    );
+    c.set_gsi(0, device, false, due);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), None);
+}
+
+#[test]
+fn gsi_raise_reports_how_many_vcpus_it_reached() {
+    let mut c = chipset(3, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 17, 0x34, 0xFF << 24); // edge, physical broadcast
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Delivered(3));
+    assert_eq!(status.to_kvm(), 3);
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Coalesced, "already raised");
+    assert_eq!(status.to_kvm(), 0);
+    c.set_gsi(17, SourceId::USER, false, 0);
+    set_rte(&mut c, 17, 0x1_0034, 0xFF << 24);
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Masked);
+    assert_eq!(status.to_kvm(), -1);
+}
+
+#[test]
+fn pulsing_an_edge_gsi_delivers_once_per_pulse() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 5, 0x45, 0);
+    for _ in 0..2 {
+        c.set_gsi(5, SourceId::USER, true, 0);
+        c.set_gsi(5, SourceId::USER, false, 0);
+        assert_eq!(take(&mut c, 0), Some(0x45));
+        assert_eq!(take(&mut c, 0), None, "one pulse, one interrupt");
+        events(&mut c);
+        write32(&mut c, 0, EOI, 0);
+        assert!(events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+    }
+}
+
+#[test]
 fn x2apic_icr_to_a_cluster_beyond_the_map_reaches_nobody() {
     let mut c = chipset(2, LapicPlacement::Model);
     enable_lapics(&mut c);
