@@ -721,6 +721,27 @@ fn pulsing_an_edge_gsi_delivers_once_per_pulse() {
 }
 
 #[test]
+fn new_pending_events_kick_only_their_vcpu() {
+    let mut c = chipset(3, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    set_rte(&mut c, 18, 0x52, 1 << 24);
+    events(&mut c);
+    let msi = MsiMessage {
+        address: 0xFEE0_2000,
+        data: 0x51,
+    };
+    c.send_msi(msi, 0).expect("valid");
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(2)], "MSI");
+    c.set_gsi(18, SourceId::USER, true, 0);
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(1)], "IOAPIC");
+    init_master_pic(&mut c, 0xFD);
+    events(&mut c);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(0)], "PIC via LINT0");
+}
+
+#[test]
 fn x2apic_icr_to_a_cluster_beyond_the_map_reaches_nobody() {
     let mut c = chipset(2, LapicPlacement::Model);
     enable_lapics(&mut c);
