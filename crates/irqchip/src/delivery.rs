@@ -804,6 +804,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn irq_status_maps_to_kvm_integers() {
+        assert_eq!(IrqStatus::Masked.to_kvm(), -1);
+        assert_eq!(IrqStatus::Coalesced.to_kvm(), 0);
+        assert_eq!(IrqStatus::Delivered(1).to_kvm(), 1);
+        assert_eq!(IrqStatus::Delivered(3).to_kvm(), 3);
+        assert_eq!(IrqStatus::Delivered(usize::MAX).to_kvm(), i32::MAX);
+    }
+
     fn arb_apic() -> impl Strategy<Value = ApicAddressing> {
         (
             prop_oneof![0u32..8, any::<u32>()],

@@ -458,3 +458,306 @@ fn isa_gsi_reaching_pic_and_ioapic_reports_the_sum_as_kvm_does() {
     // A GSI with no route at all is ignored.
     assert_eq!(c.set_gsi(2, SourceId::USER, true, 0), IrqStatus::Masked);
 }
+
+const VERSION: u64 = LAPIC + 0x30;
+const TPR: u64 = LAPIC + 0x80;
+
+/// Initialise the master 8259A as a BIOS does: vector base 0x20, slave on
+/// IR2, 8086 mode, then `imr` as the mask.
+fn init_master_pic(c: &mut Chipset, imr: u8) {
+    for (port, value) in [
+        (0x20, 0x11),
+        (0x21, 0x20),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, imr),
+    ] {
+        c.pio_write(port, &[value], 0);
+    }
+}
+
+#[test]
+fn pit_tick_reaches_pic_irq0_and_reinject_waits_for_the_pic_eoi() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    init_master_pic(&mut c, 0xFE); // IRQ 0 only; IOAPIC pin 2 stays masked
+    program_pit(&mut c, 11932, 0); // ~10 ms
+    let first = c.next_deadline().expect("PIT armed");
+    let late = first + 35_000_000; // a stall: more ticks are owed
+    c.advance(late);
+    assert_eq!(c.counts().pit, 1);
+    assert_eq!(take(&mut c, 0), Some(0x20), "IRQ 0 at the master's base");
+    c.advance(late + 1);
+    assert_eq!(c.counts().pit, 1, "no second tick before the EOI");
+    c.pio_write(0x20, &[0x20], late + 2); // non-specific EOI
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+    let due = c.next_deadline().expect("backlog due");
+    c.advance(due);
+    assert_eq!(c.counts().pit, 2, "the owed tick follows the PIC EOI");
+    assert_eq!(take(&mut c, 0), Some(0x20));
+}
+
+#[test]
+fn unmasking_pic_irq0_drops_the_pit_backlog() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    init_master_pic(&mut c, 0xFF);
+    program_pit(&mut c, 11932, 0);
+    let first = c.next_deadline().expect("armed");
+    let late = first + 50_000_000;
+    c.advance(late);
+    let owed = c.pit().backlog();
+    assert!(owed > 0);
+    c.pio_write(0x21, &[0xFD], late); // IRQ 1 unmasked, IRQ 0 still masked
+    assert_eq!(c.pit().backlog(), owed);
+    c.pio_write(0x21, &[0xFC], late); // IRQ 0 unmasked
+    assert_eq!(c.pit().backlog(), 0);
+}
+
+#[test]
+fn nmi_watchdog_follows_every_tick_only_while_lvt0_is_nmi() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x30, 0); // the PIT's pin, edge, to vCPU 0
+    write32(&mut c, 1, LVT0, 0x400); // vCPU 1: LINT0 in NMI mode
+    program_pit(&mut c, 11932, 0);
+    for tick in 1..=3 {
+        events(&mut c);
+        let due = c.next_deadline().expect("armed");
+        c.advance(due);
+        assert_eq!(c.counts().pit, tick);
+        assert!(c.pending(1).nmi, "tick {tick}");
+        assert!(events(&mut c).contains(&ChipEvent::Kick(1)));
+        assert_eq!(c.acknowledge(1, Decision::InjectNmi, due), None);
+        assert!(!c.pending(1).nmi);
+        assert!(!c.pending(0).nmi, "vCPU 0's LVT0 is not in NMI mode");
+        assert_eq!(take(&mut c, 0), Some(0x30));
+        write32(&mut c, 0, EOI, 0); // the ack lets the next tick through
+    }
+    write32(&mut c, 1, LVT0, 0x1_0400); // masked: the watchdog stops
+    let due = c.next_deadline().expect("armed");
+    c.advance(due);
+    assert_eq!(c.counts().pit, 4);
+    assert!(!c.pending(1).nmi);
+}
+
+#[test]
+fn extint_bypasses_tpr_and_ppr() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    init_master_pic(&mut c, 0xF5); // IRQ 1 and 3
+    write32(&mut c, 0, TPR, 0xFF); // blocks every vector
+    c.set_gsi(1, SourceId::USER, true, 0);
+    let pending = c.pending(0);
+    assert!(pending.extint);
+    assert_eq!(decide(&pending, &OPEN), Decision::InjectExtInt);
+    assert_eq!(c.acknowledge(0, Decision::InjectExtInt, 0), Some(0x21));
+    c.set_gsi(1, SourceId::USER, false, 0);
+    c.pio_write(0x20, &[0x20], 0);
+    // An ExtINT message from the IOAPIC (LINT0 masked) is not held back either.
+    write32(&mut c, 0, LVT0, 0x1_0700);
+    set_rte(&mut c, 3, 0x700, 0); // ExtINT, edge, to vCPU 0
+    c.set_gsi(3, SourceId::USER, true, 0);
+    let pending = c.pending(0);
+    assert!(pending.extint);
+    assert_eq!(pending.vector, None);
+    assert_eq!(decide(&pending, &OPEN), Decision::InjectExtInt);
+    assert_eq!(
+        c.acknowledge(0, Decision::InjectExtInt, 0),
+        Some(0x23),
+        "the vector comes from the PIC's INTA"
+    );
+}
+
+#[test]
+fn pic_interrupt_reaches_a_hardware_disabled_lapic_directly() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    init_master_pic(&mut c, 0xFD);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert!(
+        !c.pending(0).extint,
+        "an enabled LAPIC with LINT0 masked keeps the PIC out"
+    );
+    c.msr_write(0, 0x1B, 0xFEE0_0100, 0)
+        .expect("disabling is legal");
+    assert!(c.pending(0).extint);
+    assert_eq!(take(&mut c, 0), Some(0x21));
+    // A new request while disabled kicks the vCPU.
+    c.set_gsi(1, SourceId::USER, false, 0);
+    c.pio_write(0x20, &[0x20], 0);
+    events(&mut c);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert!(events(&mut c).contains(&ChipEvent::Kick(0)));
+}
+
+#[test]
+fn rte_retarget_to_another_vcpu_while_in_service_keeps_the_eoi() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0); // level, to vCPU 0
+    c.set_gsi(10, SourceId::USER, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    // Retarget to vCPU 1 by writing only the high half, 0x41 still in service.
+    write32(&mut c, 0, IOAPIC_BASE, 0x11 + 2 * 10);
+    write32(&mut c, 0, IOAPIC_BASE + 0x10, 1 << 24);
+    events(&mut c);
+    write32(&mut c, 0, EOI, 0); // vCPU 0 ends it
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(
+        take(&mut c, 1),
+        Some(0x41),
+        "still high: sent to the new target"
+    );
+    assert_eq!(take(&mut c, 0), None);
+    c.set_gsi(10, SourceId::USER, false, 0);
+    write32(&mut c, 1, EOI, 0);
+    assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0, "remote IRR clear");
+}
+
+#[test]
+fn lapic_advertises_eoi_broadcast_suppression_only_with_ioapic_v20() {
+    for (version, directed) in [(IoapicVersion::V11, false), (IoapicVersion::V20, true)] {
+        let mut c = Chipset::new(ChipsetConfig {
+            vcpus: 2,
+            lapics: LapicPlacement::Model,
+            ioapic_version: version,
+            pit_policy: LostTickPolicy::Reinject,
+            tsc_hz: 1_000_000_000,
+            tsc_offset: 0,
+        })
+        .expect("valid config");
+        for cpu in 0..2 {
+            assert_eq!(
+                read32(&mut c, cpu, VERSION) & (1 << 24) != 0,
+                directed,
+                "{version:?}"
+            );
+            write32(&mut c, cpu, SVR, 0x11FF);
+            assert_eq!(
+                read32(&mut c, cpu, SVR) & (1 << 12) != 0,
+                directed,
+                "{version:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn suppressed_eoi_broadcast_leaves_the_eoi_to_the_ioapic_register() {
+    let mut c = chipset(1, LapicPlacement::Model); // IOAPIC 0x20
+    mask_pics(&mut c);
+    write32(&mut c, 0, SVR, 0x11FF); // enabled, EOI broadcast suppressed
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0);
+    c.set_gsi(10, SourceId::USER, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    c.set_gsi(10, SourceId::USER, false, 0);
+    events(&mut c);
+    write32(&mut c, 0, EOI, 0);
+    assert!(!events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_ne!(
+        rte_low(&mut c, 10) & (1 << 14),
+        0,
+        "remote IRR waits for the directed EOI"
+    );
+    write32(&mut c, 0, IOAPIC_BASE + 0x40, 0x41);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0);
+}
+
+#[test]
+fn pit_pulse_on_gsi0_does_not_drop_a_device_holding_the_line() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 2, 0x8000 | 0x30, 0); // GSI 0's pin, level
+    let device = SourceId::new(9).expect("id");
+    assert_eq!(c.set_gsi(0, device, true, 0), IrqStatus::Delivered(1));
+    assert_eq!(take(&mut c, 0), Some(0x30));
+    program_pit(&mut c, 11932, 0);
+    let due = c.next_deadline().expect("armed");
+    c.advance(due); // the PIT raises and lowers GSI 0 as its own source
+    assert_eq!(c.counts().pit, 1);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(
+        take(&mut c, 0),
+        Some(0x30),
+        "the device still holds GSI 0 high"
+    );
+    c.set_gsi(0, device, false, due);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), None);
+}
+
+#[test]
+fn gsi_raise_reports_how_many_vcpus_it_reached() {
+    let mut c = chipset(3, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 17, 0x34, 0xFF << 24); // edge, physical broadcast
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Delivered(3));
+    assert_eq!(status.to_kvm(), 3);
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Coalesced, "already raised");
+    assert_eq!(status.to_kvm(), 0);
+    c.set_gsi(17, SourceId::USER, false, 0);
+    set_rte(&mut c, 17, 0x1_0034, 0xFF << 24);
+    let status = c.set_gsi(17, SourceId::USER, true, 0);
+    assert_eq!(status, IrqStatus::Masked);
+    assert_eq!(status.to_kvm(), -1);
+}
+
+#[test]
+fn pulsing_an_edge_gsi_delivers_once_per_pulse() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 5, 0x45, 0);
+    for _ in 0..2 {
+        c.set_gsi(5, SourceId::USER, true, 0);
+        c.set_gsi(5, SourceId::USER, false, 0);
+        assert_eq!(take(&mut c, 0), Some(0x45));
+        assert_eq!(take(&mut c, 0), None, "one pulse, one interrupt");
+        events(&mut c);
+        write32(&mut c, 0, EOI, 0);
+        assert!(events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+    }
+}
+
+#[test]
+fn new_pending_events_kick_only_their_vcpu() {
+    let mut c = chipset(3, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    set_rte(&mut c, 18, 0x52, 1 << 24);
+    events(&mut c);
+    let msi = MsiMessage {
+        address: 0xFEE0_2000,
+        data: 0x51,
+    };
+    c.send_msi(msi, 0).expect("valid");
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(2)], "MSI");
+    c.set_gsi(18, SourceId::USER, true, 0);
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(1)], "IOAPIC");
+    init_master_pic(&mut c, 0xFD);
+    events(&mut c);
+    c.set_gsi(1, SourceId::USER, true, 0);
+    assert_eq!(events(&mut c), vec![ChipEvent::Kick(0)], "PIC via LINT0");
+}
+
+#[test]
+fn x2apic_icr_to_a_cluster_beyond_the_map_reaches_nobody() {
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    for cpu in 0..2 {
+        c.msr_write(cpu, 0x1B, 0xFEE0_0C00, 0).expect("to x2APIC");
+    }
+    for destination in [0xFFFF_0002u64, 0x1000_0002, 0x8000_0000] {
+        c.msr_write(0, 0x830, destination << 32 | 0x800 | 0x61, 0)
+            .expect("valid ICR");
+        c.msr_write(0, 0x830, destination << 32 | 0x61, 0)
+            .expect("valid ICR");
+    }
+    assert_eq!(c.pending(1).vector, None);
+    assert_eq!(c.pending(0).vector, None);
+    // Cluster 0, bit 1 is vCPU 1.
+    c.msr_write(0, 0x830, 0x0000_0002u64 << 32 | 0x800 | 0x61, 0)
+        .expect("valid ICR");
+    assert_eq!(take(&mut c, 1), Some(0x61));
+}

@@ -893,6 +893,22 @@ fn mmio_writes_are_ignored_while_in_x2apic_mode() {
 }
 
 #[test]
+fn mmio_writes_are_ignored_while_hardware_disabled() {
+    let mut l = enabled(config(1));
+    l.msr_write(MSR_APIC_BASE, APIC_BASE_DEFAULT, 0).unwrap();
+    // An ICR write would send an IPI on an enabled APIC.
+    assert_eq!(wr(&mut l, ICR, 0x0000_4040), LapicEffects::default());
+    wr(&mut l, TPR, 0x40);
+    wr(&mut l, SVR, 0x1FF);
+    assert_eq!(l.tpr(), 0);
+    assert!(!l.is_sw_enabled());
+    l.msr_write(MSR_APIC_BASE, APIC_BASE_DEFAULT | ApicBase::ENABLE, 0)
+        .unwrap();
+    assert_eq!(rd(&mut l, TPR), 0);
+    assert_eq!(rd(&mut l, ICR), 0);
+}
+
+#[test]
 fn hardware_disabled_apic_passes_pic_interrupts_straight_through() {
     let mut l = Lapic::new(config(0));
     assert!(!l.accepts_pic_interrupts());
@@ -1049,6 +1065,31 @@ fn tsc_deadline_mode_tmict_then_tmcct_does_not_divide_by_zero() {
     wr_at(&mut l, TMICT, 1234, 0);
     assert_eq!(rd_at(&mut l, TMICT, 1), 0);
     assert_eq!(rd_at(&mut l, TMCCT, 1), 0);
+    assert_eq!(l.next_deadline(), None);
+}
+
+#[test]
+fn tsc_deadline_mode_set_while_tmict_is_nonzero_then_tmcct_reads_zero() {
+    // Regression: the mode bits change under a running count, then TMCCT is
+    // read; a count derived from a TSC-deadline "period" must not divide by 0.
+    for mode in [0, PERIODIC] {
+        let mut l = timer(mode);
+        wr_at(&mut l, TMICT, 1000, 0);
+        wr_at(&mut l, LVT_TIMER, TSC_DEADLINE | 0x40, 10);
+        assert_eq!(rd_at(&mut l, TMCCT, 20), 0, "mode {mode:#x}");
+        assert_eq!(l.next_deadline(), None);
+        l.advance(10_000);
+        assert!(!timer_fired(&mut l));
+    }
+    // A snapshot or a KVM register page can carry TSC-deadline mode with TMICT != 0.
+    let mut l = timer(TSC_DEADLINE);
+    let mut state = l.save();
+    state.tmict = 1000;
+    l.restore(&state).unwrap();
+    assert_eq!(rd_at(&mut l, TMCCT, 5), 0);
+    let page = l.to_kvm_register_page();
+    l.load_kvm_register_page(&page).unwrap();
+    assert_eq!(rd_at(&mut l, TMCCT, 5), 0);
     assert_eq!(l.next_deadline(), None);
 }
 

@@ -175,6 +175,26 @@ fn read_and_write_flip_flops_are_separate() {
     assert_eq!(pit.read_port(0x42, 0), 0x56);
 }
 
+#[test]
+fn each_counter_has_its_own_flip_flops() {
+    let mut pit = Pit::new();
+    pit.write_port(0x61, 1, 0);
+    program(&mut pit, 2, 0, 0x1234, 0);
+    pit.write_port(CTRL, 0x30, 0); // counter 0: word access, mode 0
+    pit.write_port(0x40, 0x78, 0); // counter 0 now waits for its MSB
+
+    // Counter 2's read and write sequences are not disturbed by counter 0's.
+    assert_eq!(pit.read_port(0x42, 0), 0x34);
+    pit.write_port(0x42, 0xCD, 0);
+    pit.write_port(0x40, 0x56, 0);
+    pit.write_port(0x42, 0xAB, 0);
+    assert_eq!(pit.channels[0].count, 0x5678);
+    assert_eq!(pit.channels[2].count, 0xABCD);
+    // Counter 2's read flip-flop still expects the MSB; counter 0's starts afresh.
+    assert_eq!(pit.read_port(0x42, 0), 0xAB);
+    assert_eq!(pit.read_port(0x40, 0), 0x78);
+}
+
 // --- Counter latch ---
 
 #[test]
