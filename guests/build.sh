@@ -5,7 +5,8 @@ set -eu
 cd "$(dirname "$0")"
 cargo build --release
 mkdir -p out
-for bin in demo; do
+for dir in */src/main.rs; do
+    bin=${dir%%/*}
     cp "target/x86_64-unknown-linux-gnu/release/$bin" "out/$bin.elf"
     "${OBJCOPY:-objcopy}" -O elf32-i386 "out/$bin.elf" "out/$bin.elf32"
     echo "out/$bin.elf32"

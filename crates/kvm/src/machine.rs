@@ -277,6 +277,7 @@ enum Next {
     Io,
     Hlt,
     IrqWindow,
+    IoapicEoi(u8),
     Internal,
     Stop(VcpuStop),
 }
@@ -335,11 +336,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
             }
             Ok(VcpuExit::Hlt) => Next::Hlt,
             Ok(VcpuExit::IrqWindowOpen) => Next::IrqWindow,
-            Ok(VcpuExit::IoapicEoi(vector)) => {
-                counters.count(ExitReason::IoapicEoi);
-                backend.on_ioapic_eoi(index, vector);
-                Next::Enter
-            }
+            Ok(VcpuExit::IoapicEoi(vector)) => Next::IoapicEoi(vector),
             Ok(VcpuExit::Intr) => {
                 counters.count(ExitReason::Intr);
                 Next::Enter
@@ -380,6 +377,10 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
             Next::IrqWindow => {
                 counters.count(ExitReason::IrqWindow);
                 backend.on_irq_window(&mut VcpuCtx { vcpu });
+            }
+            Next::IoapicEoi(vector) => {
+                counters.count(ExitReason::IoapicEoi);
+                backend.on_ioapic_eoi(&mut VcpuCtx { vcpu }, vector);
             }
             Next::Internal => {
                 counters.count(ExitReason::Other);

@@ -24,6 +24,22 @@ impl Redirection {
     pub fn masked(self, masked: bool) -> Self {
         self.with_bit(16, masked)
     }
+    /// Sets logical (true) or physical (false) destination mode.
+    pub fn logical(self, logical: bool) -> Self {
+        self.with_bit(11, logical)
+    }
+    /// Lowest-priority delivery (mode 0b001) instead of fixed.
+    pub fn lowest_priority(self) -> Self {
+        Redirection((self.0 & !(0b111 << 8)) | (0b001 << 8))
+    }
+    /// Destination field (bits 63:56).
+    pub fn destination(self) -> u8 {
+        (self.0 >> 56) as u8
+    }
+    /// Whether the entry is level triggered.
+    pub fn is_level(self) -> bool {
+        self.0 & (1 << 15) != 0
+    }
     /// Vector.
     pub fn vector(self) -> u8 {
         self.0 as u8
@@ -71,9 +87,13 @@ impl IoApic {
     pub fn version(&self) -> u8 {
         self.read(1) as u8
     }
+    /// Maximum redirection entry (version register bits 23:16).
+    pub fn max_redirection_entry(&self) -> u32 {
+        (self.read(1) >> 16) & 0xFF
+    }
     /// Number of redirection entries.
     pub fn pins(&self) -> u32 {
-        ((self.read(1) >> 16) & 0xFF) + 1
+        self.max_redirection_entry() + 1
     }
     /// Reads the entry for `pin`.
     pub fn redirection(&self, pin: u32) -> Redirection {
@@ -85,6 +105,14 @@ impl IoApic {
     pub fn set_redirection(&self, pin: u32, rte: Redirection) {
         self.write(0x11 + 2 * pin, (rte.0 >> 32) as u32);
         self.write(0x10 + 2 * pin, rte.0 as u32);
+    }
+    /// Writes only the low half of `pin`'s entry (vector, modes, mask).
+    pub fn set_low(&self, pin: u32, rte: Redirection) {
+        self.write(0x10 + 2 * pin, rte.0 as u32);
+    }
+    /// Writes only the high half of `pin`'s entry: retargets it to `dest`.
+    pub fn set_destination(&self, pin: u32, dest: u8) {
+        self.write(0x11 + 2 * pin, u32::from(dest) << 24);
     }
     /// Masks `pin`, keeping the rest of its entry.
     pub fn mask(&self, pin: u32) {

@@ -2,7 +2,8 @@
 //! All CPUs use the same mode, chosen once by the BSP.
 
 use crate::arch::{mmio_read32, mmio_write32, pause, rdmsr, wrmsr};
-use core::sync::atomic::{AtomicBool, Ordering};
+use crate::cpu::{self, InterruptFrame};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Default xAPIC MMIO base.
 pub const XAPIC_BASE: usize = 0xFEE0_0000;
@@ -20,8 +21,14 @@ pub mod reg {
     pub const TPR: u32 = 0x80;
     /// End of interrupt.
     pub const EOI: u32 = 0xB0;
+    /// Logical destination (xAPIC writable; read-only in x2APIC).
+    pub const LDR: u32 = 0xD0;
+    /// Destination format (xAPIC only).
+    pub const DFR: u32 = 0xE0;
     /// Spurious-interrupt vector.
     pub const SVR: u32 = 0xF0;
+    /// In-service register, bits 31:0 (eight 32-bit registers 16 bytes apart).
+    pub const ISR: u32 = 0x100;
     /// Error status.
     pub const ESR: u32 = 0x280;
     /// Interrupt command (low half in xAPIC).
@@ -44,6 +51,12 @@ pub mod reg {
 pub const LVT_MASKED: u32 = 1 << 16;
 /// LVT timer mode: periodic.
 pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// SVR bit 8: software enable.
+pub const SVR_ENABLE: u32 = 1 << 8;
+/// SVR bit 12: suppress EOI broadcasts to the IOAPICs.
+pub const SVR_SUPPRESS_EOI_BROADCAST: u32 = 1 << 12;
+/// Version bit 24: EOI-broadcast suppression is supported.
+pub const VERSION_EOI_BROADCAST_SUPPRESSION: u32 = 1 << 24;
 /// Vector used for the LAPIC's spurious interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -114,7 +127,7 @@ pub fn enable() {
         base |= APIC_BASE_X2APIC;
         wrmsr(IA32_APIC_BASE, base);
     }
-    write(reg::SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+    write(reg::SVR, SVR_ENABLE | u32::from(SPURIOUS_VECTOR));
     write(reg::TPR, 0);
     write(reg::LVT_TIMER, LVT_MASKED);
     write(reg::LVT_ERROR, LVT_MASKED);
@@ -130,9 +143,65 @@ pub fn id() -> u32 {
     }
 }
 
+/// Whether the version register advertises EOI-broadcast suppression.
+pub fn eoi_broadcast_suppression_supported() -> bool {
+    read(reg::VERSION) & VERSION_EOI_BROADCAST_SUPPRESSION != 0
+}
+
+/// Sets or clears SVR bit 12 (EOI-broadcast suppression) on this CPU.
+pub fn set_eoi_broadcast_suppression(on: bool) {
+    let svr = read(reg::SVR);
+    let svr = if on {
+        svr | SVR_SUPPRESS_EOI_BROADCAST
+    } else {
+        svr & !SVR_SUPPRESS_EOI_BROADCAST
+    };
+    write(reg::SVR, svr);
+}
+
+/// Puts this CPU in the flat logical model with logical ID `bits` (a bit
+/// mask matched against 8-bit logical destinations). xAPIC only: in x2APIC
+/// mode the LDR is fixed by the APIC ID and there is no flat model.
+pub fn set_logical_flat(bits: u8) {
+    if !is_x2apic() {
+        write(reg::DFR, 0xFFFF_FFFF);
+        write(reg::LDR, u32::from(bits) << 24);
+    }
+}
+
 /// Signals end of interrupt.
 pub fn eoi() {
     write(reg::EOI, 0);
+}
+
+/// Whether `vector` is in service (its ISR bit is set).
+pub fn in_service(vector: u8) -> bool {
+    let v = u32::from(vector);
+    read(reg::ISR + 0x10 * (v / 32)) & (1 << (v % 32)) != 0
+}
+
+/// Vector of the in-service probe's self-IPI.
+pub const PROBE_VECTOR: u8 = 0xE1;
+/// What the probe handler saw: 0 nothing yet, 1 in service, 2 not.
+static PROBE_SEEN: AtomicU8 = AtomicU8::new(0);
+
+fn probe_handler(_: &mut InterruptFrame) {
+    let seen = if in_service(PROBE_VECTOR) { 1 } else { 2 };
+    PROBE_SEEN.store(seen, Ordering::Release);
+}
+
+/// Whether this CPU's LAPIC keeps an interrupt in service (ISR bit set)
+/// while its handler runs, as the architecture says it must until the EOI.
+/// Probed with one self-IPI. Some hosts' LAPICs clear the ISR bit (and
+/// send a level vector's EOI to the IOAPIC) when they inject the
+/// interrupt; checks of what happens at the handler's EOI mean nothing
+/// there. Returns true if no interrupt arrives (nothing was observed).
+pub fn holds_in_service() -> bool {
+    PROBE_SEEN.store(0, Ordering::Release);
+    cpu::set_handler(PROBE_VECTOR, probe_handler);
+    send_ipi(id(), Icr::fixed(PROBE_VECTOR));
+    crate::time::wait_until(100_000, || PROBE_SEEN.load(Ordering::Acquire) != 0);
+    PROBE_SEEN.load(Ordering::Acquire) != 2
 }
 
 /// Sends an IPI to the APIC with ID `dest` (physical destination mode).

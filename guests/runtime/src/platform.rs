@@ -99,6 +99,14 @@ impl Platform {
             },
         }
     }
+
+    /// The highest GSI the tables route an ISA IRQ (0-15) to.
+    pub fn highest_isa_gsi(&self) -> u32 {
+        (0..16)
+            .map(|irq| self.isa_route(irq).gsi)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 fn checksum_ok(addr: usize, len: usize) -> bool {

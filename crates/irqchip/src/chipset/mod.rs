@@ -419,6 +419,19 @@ impl Chipset {
         self.collect_acks(now_ns);
     }
 
+    /// An EOI from a LAPIC outside the chipset (split mode), which reports
+    /// every EOI of a vector an IOAPIC pin uses. `broadcast` is false when
+    /// that LAPIC suppresses EOI broadcasts (SVR bit 12): then level pins
+    /// keep remote IRR until a directed EOI, and only the edge pins with the
+    /// vector are acknowledged, as for a modelled LAPIC.
+    pub fn external_lapic_eoi(&mut self, vector: u8, broadcast: bool, now_ns: u64) {
+        if broadcast {
+            self.ioapic_eoi(vector, now_ns);
+        } else {
+            self.edge_eoi(vector, now_ns);
+        }
+    }
+
     /// An edge interrupt's EOI is not broadcast to the IOAPIC, but it still
     /// acknowledges the pins using that vector (KVM's ack notifiers see it
     /// too): this is how PIT ticks through the IOAPIC count as taken.

@@ -312,6 +312,27 @@ fn nmi_watchdog_sends_pit_ticks_as_nmi_to_lvt0_nmi_vcpus() {
 }
 
 #[test]
+fn split_mode_eoi_with_broadcast_suppressed_leaves_remote_irr_and_acks_edges() {
+    let mut c = chipset(1, LapicPlacement::External);
+    mask_pics(&mut c);
+    set_rte(&mut c, 5, 0x8000 | 0x45, 0); // level
+    set_rte(&mut c, 2, 0x30, 0); // edge: the PIT's pin
+    c.set_gsi(5, SourceId::USER, true, 0);
+    c.set_gsi(5, SourceId::USER, false, 0);
+    events(&mut c);
+    // The guest set SVR bit 12 on its (external) LAPIC and EOIs.
+    c.external_lapic_eoi(0x45, false, 0);
+    assert_ne!(rte_low(&mut c, 5) & (1 << 14), 0, "remote IRR kept");
+    assert!(!events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+    c.external_lapic_eoi(0x30, false, 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+    // The directed EOI (or a broadcast) completes the level interrupt.
+    c.external_lapic_eoi(0x45, true, 0);
+    assert_eq!(rte_low(&mut c, 5) & (1 << 14), 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+}
+
+#[test]
 fn split_mode_forwards_ioapic_messages_and_takes_eoi_back() {
     let mut c = chipset(2, LapicPlacement::External);
     mask_pics(&mut c);

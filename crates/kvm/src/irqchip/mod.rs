@@ -173,8 +173,9 @@ pub trait IrqchipBackend: Send + Sync {
     /// The interrupt window the backend asked for is open.
     fn on_irq_window(&self, _vcpu: &mut VcpuCtx<'_>) {}
 
-    /// EOI of a level-triggered vector routed through a userspace IOAPIC.
-    fn on_ioapic_eoi(&self, _vcpu: u32, _vector: u8) {}
+    /// `KVM_EXIT_IOAPIC_EOI`: the in-kernel LAPIC ended a vector routed
+    /// through a userspace IOAPIC.
+    fn on_ioapic_eoi(&self, _vcpu: &mut VcpuCtx<'_>, _vector: u8) {}
 
     /// First look at a port read (our PIC, ELCR and PIT); `true` if handled.
     fn pio_read(&self, _vcpu: u32, _port: u16, _data: &mut [u8]) -> bool {

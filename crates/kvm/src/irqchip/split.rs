@@ -11,6 +11,10 @@
 //! - The PIC reaches the BSP as ExtINT through `KVM_INTERRUPT`, when KVM
 //!   reports the vCPU ready (KVM checks LINT0 itself), else through an
 //!   interrupt-window exit.
+//! - KVM advertises EOI-broadcast suppression on its LAPICs here but still
+//!   reports every EOI of those vectors, SVR bit 12 or not; so each
+//!   `KVM_EXIT_IOAPIC_EOI` looks at the vCPU's SVR before it reaches our
+//!   IOAPIC as a broadcast.
 //! - INIT/SIPI, HLT and the LAPIC timers are KVM's.
 
 use super::host::ChipHost;
@@ -20,8 +24,8 @@ use crate::vm::Vm;
 use crate::{ioctl_err, Error, Result};
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
-    kvm_irq_routing_msi, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+    kvm_irq_routing_msi, kvm_lapic_state, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
     KVM_X2APIC_API_USE_32BIT_IDS,
 };
 use kvm_ioctls::{Cap, VmFd};
@@ -45,6 +49,20 @@ pub struct SplitIrqchip {
     x2apic_api: Arc<AtomicBool>,
     /// The IOAPIC generation last mirrored into KVM's routes.
     mirrored: AtomicU64,
+}
+
+/// Offset of the spurious-interrupt vector register in the LAPIC page.
+const APIC_SVR: usize = 0xF0;
+/// SVR bit 12: EOIs of level vectors are not broadcast to the IOAPICs.
+const SVR_SUPPRESS_EOI_BROADCAST: u32 = 1 << 12;
+
+/// Whether the LAPIC page in `lapic` has EOI broadcasts suppressed.
+fn suppresses_eoi_broadcast(lapic: &kvm_lapic_state) -> bool {
+    let mut svr = [0u8; 4];
+    for (dst, src) in svr.iter_mut().zip(&lapic.regs[APIC_SVR..]) {
+        *dst = *src as u8;
+    }
+    u32::from_le_bytes(svr) & SVR_SUPPRESS_EOI_BROADCAST != 0
 }
 
 /// The MSI that makes KVM's LAPICs deliver `msg`.
@@ -232,10 +250,18 @@ impl IrqchipBackend for SplitIrqchip {
         HltAction::Resume
     }
 
-    fn on_ioapic_eoi(&self, vcpu: u32, vector: u8) {
-        self.host.with_chip(Some(vcpu as usize), true, |c, now| {
-            c.ioapic_eoi(vector, now)
-        });
+    fn on_ioapic_eoi(&self, vcpu: &mut VcpuCtx<'_>, vector: u8) {
+        let broadcast = match vcpu.fd().get_lapic() {
+            Ok(lapic) => !suppresses_eoi_broadcast(&lapic),
+            Err(e) => {
+                tracing::warn!("KVM_GET_LAPIC on an IOAPIC EOI exit failed: {e}");
+                true
+            }
+        };
+        self.host
+            .with_chip(Some(vcpu.index() as usize), true, |c, now| {
+                c.external_lapic_eoi(vector, broadcast, now)
+            });
     }
 
     fn pio_read(&self, vcpu: u32, port: u16, data: &mut [u8]) -> bool {
@@ -321,6 +347,20 @@ mod tests {
             shorthand: Shorthand::None,
             source: None,
         }
+    }
+
+    fn lapic_with_svr(svr: u32) -> kvm_lapic_state {
+        let mut lapic = kvm_lapic_state::default();
+        for (dst, src) in lapic.regs[APIC_SVR..].iter_mut().zip(svr.to_le_bytes()) {
+            *dst = src as _;
+        }
+        lapic
+    }
+
+    #[test]
+    fn svr_bit_12_suppresses_eoi_broadcasts() {
+        assert!(!suppresses_eoi_broadcast(&lapic_with_svr(0x1FF)));
+        assert!(suppresses_eoi_broadcast(&lapic_with_svr(0x11FF)));
     }
 
     #[test]
