@@ -9,7 +9,9 @@
 //! vCPU ready, else we request an interrupt window. HLT exits park the vCPU
 //! until it has something to take. INIT and SIPI are performed here: APs
 //! start parked in wait-for-SIPI. CR8 and the LAPIC's TPR are kept in step
-//! through `kvm_run.cr8`.
+//! through `kvm_run.cr8`: a CR8 the guest wrote is taken into the TPR
+//! right after the exit, before the exit is handled, and the TPR goes back
+//! into CR8 before the next entry.
 //!
 //! Delivery to another vCPU always kicks it: under nested KVM an
 //! interrupt-window request never exits while the guest runs at CPL3.
@@ -305,6 +307,21 @@ impl IrqchipBackend for UserspaceIrqchip {
         }
         ctx.request_interrupt_window(window);
         Ok(())
+    }
+
+    /// A CR8 the guest wrote since the last entry goes into the LAPIC's TPR
+    /// before the exit is handled, so an MMIO/MSR access in this exit sees
+    /// it, and a TPR the access writes is not overwritten by the stale CR8
+    /// at the next entry.
+    fn after_exit(&self, ctx: &mut VcpuCtx<'_>) {
+        let index = ctx.index() as usize;
+        let cr8_now = ctx.cr8();
+        if cr8_now == self.last_cr8[index].load(Ordering::Relaxed) {
+            return;
+        }
+        self.host.with_chip(Some(index), false, |chip, _| {
+            self.sync_tpr(chip, index, cr8_now);
+        });
     }
 
     fn on_hlt(&self, ctx: &mut VcpuCtx<'_>) -> HltAction {
