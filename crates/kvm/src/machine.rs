@@ -808,4 +808,59 @@ mod tests {
             out.cause
         );
     }
+
+    /// Regression: an NMI that KVM holds (queued while NMIs were blocked)
+    /// must end a HLT once NMIs are unblocked. The userspace backend parked
+    /// the vCPU because its own model had nothing pending, so the NMI waited
+    /// until something else woke the vCPU.
+    #[test]
+    fn userspace_hlt_takes_an_nmi_kvm_still_holds() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let code: &[u8] = &[
+            0xC7, 0x06, 0x08, 0x00, 0x20, 0x10, // mov word [8], 0x1020 (IVT[2] ip)
+            0xC7, 0x06, 0x0A, 0x00, 0x00, 0x00, // mov word [0xA], 0 (IVT[2] cs)
+            0x9C, // pushf
+            0x0E, // push cs
+            0x68, 0x12, 0x10, // push 0x1012
+            0xCF, // iret: unblocks NMIs
+            0xF4, // 0x1012: hlt
+            0xB0, 0x01, 0xE6, 0xF4, // mov al, 1; out 0xF4, al (HLT ended without NMI)
+            0xF4, // hlt
+        ];
+        let nmi_handler: &[u8] = &[0xB0, 0x42, 0xE6, 0xF4, 0xF4]; // out 0xF4, 0x42
+        let mut vm = Vm::new().unwrap();
+        vm.register_memory(&memory_with(&[(0x1000, code), (0x1020, nmi_handler)]))
+            .unwrap();
+        let backend: Arc<dyn IrqchipBackend> = Arc::new(UserspaceIrqchip::new(
+            vm.fd().clone(),
+            1,
+            virq::pit::LostTickPolicy::Reinject,
+        ));
+        backend.setup_vm(&vm).unwrap();
+        let vcpu = Vcpu::new(&vm, 0, 1).unwrap();
+        backend.setup_vcpu(&vcpu, true).unwrap();
+        vcpu.set_real_mode_entry(0x1000).unwrap();
+        // As after KVM_NMI inside an NMI handler: one NMI pending, blocked.
+        let mut events = vcpu.fd.get_vcpu_events().unwrap();
+        events.nmi.pending = 1;
+        events.nmi.masked = 1;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        vcpu.fd.set_vcpu_events(&events).unwrap();
+        let m = Machine::new(vec![vcpu], backend);
+        let handler = Arc::new(RecordingHandler::new(|_, _| {}));
+        let out = m.run(handler, Some(Duration::from_secs(10))).unwrap();
+        assert!(
+            matches!(
+                out.cause,
+                StopCause::Vcpu {
+                    stop: VcpuStop::GuestExit(0x42),
+                    ..
+                }
+            ),
+            "{:?}",
+            out.cause
+        );
+    }
 }

@@ -155,6 +155,15 @@ impl UserspaceIrqchip {
     }
 }
 
+/// KVM has an NMI for this vCPU (one we queued with `KVM_NMI` while NMIs
+/// were blocked) and NMIs are no longer blocked, so the next entry delivers
+/// it. A failed query counts as "no".
+fn kvm_holds_deliverable_nmi(ctx: &VcpuCtx<'_>) -> bool {
+    ctx.fd()
+        .get_vcpu_events()
+        .is_ok_and(|e| e.nmi.pending != 0 && e.nmi.masked == 0)
+}
+
 /// What the vCPU can take given KVM's view of it; NMIs are KVM's business
 /// once queued, so they are left out here.
 fn maskable(pending: PendingEvents, ready: bool) -> Decision {
@@ -326,6 +335,13 @@ impl IrqchipBackend for UserspaceIrqchip {
 
     fn on_hlt(&self, ctx: &mut VcpuCtx<'_>) -> HltAction {
         let index = ctx.index() as usize;
+        if kvm_holds_deliverable_nmi(ctx) {
+            // An NMI handed over while NMIs were blocked is still waiting in
+            // KVM and can be taken now: enter so KVM delivers it (the HLT
+            // ends, as it would on hardware). Parking would hold it until
+            // something else woke the vCPU.
+            return HltAction::Resume;
+        }
         let if_flag = ctx.if_flag();
         let kick = ctx.kick();
         self.host.park_until(
