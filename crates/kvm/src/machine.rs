@@ -8,7 +8,10 @@ use crate::kick::VcpuKick;
 use crate::stats::{ExitCounters, ExitCounts, ExitReason};
 use crate::vcpu::Vcpu;
 use crate::{Error, Result};
-use kvm_bindings::{KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::{
+    KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
+    KVM_INTERNAL_ERROR_EMULATION,
+};
 use kvm_ioctls::VcpuExit;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -275,6 +278,8 @@ impl Machine {
 enum Next {
     Enter,
     Io,
+    Mmio,
+    Msr,
     Hlt,
     IrqWindow,
     IoapicEoi(u8),
@@ -284,7 +289,6 @@ enum Next {
 
 /// One vCPU's loop: enter, dispatch the exit, repeat until told to stop.
 fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHandler) -> VcpuStop {
-    let index = vcpu.index();
     let counters = vcpu.counters().clone();
     loop {
         // Clear first, then look: a kick after this point is never lost.
@@ -297,43 +301,8 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
         }
         let next = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Next::Io,
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                counters.count(ExitReason::Mmio);
-                if !backend.mmio_read(index, addr, data) {
-                    handler.mmio_read(index, addr, data);
-                }
-                Next::Enter
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                counters.count(ExitReason::Mmio);
-                if backend.mmio_write(index, addr, data) {
-                    Next::Enter
-                } else {
-                    match handler.mmio_write(index, addr, data) {
-                        ExitAction::Continue => Next::Enter,
-                        ExitAction::GuestExit(s) => Next::Stop(VcpuStop::GuestExit(s)),
-                    }
-                }
-            }
-            Ok(VcpuExit::X86Rdmsr(msr)) => {
-                counters.count(ExitReason::Msr);
-                match backend.msr_read(index, msr.index) {
-                    Some(Ok(v)) => {
-                        *msr.data = v;
-                        *msr.error = 0;
-                    }
-                    _ => *msr.error = 1,
-                }
-                Next::Enter
-            }
-            Ok(VcpuExit::X86Wrmsr(msr)) => {
-                counters.count(ExitReason::Msr);
-                *msr.error = match backend.msr_write(index, msr.index, msr.data) {
-                    Some(Ok(())) => 0,
-                    _ => 1,
-                };
-                Next::Enter
-            }
+            Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => Next::Mmio,
+            Ok(VcpuExit::X86Rdmsr(..)) | Ok(VcpuExit::X86Wrmsr(..)) => Next::Msr,
             Ok(VcpuExit::Hlt) => Next::Hlt,
             Ok(VcpuExit::IrqWindowOpen) => Next::IrqWindow,
             Ok(VcpuExit::IoapicEoi(vector)) => Next::IoapicEoi(vector),
@@ -360,8 +329,22 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
             }
             Err(e) => Next::Stop(VcpuStop::HostError(format!("KVM_RUN failed: {e}"))),
         };
+        // The exit's view of the vCPU (CR8) reaches the models before the
+        // exit itself is handled: a TPR read right after a CR8 write must
+        // see the new value.
+        backend.after_exit(&mut VcpuCtx { vcpu });
         match next {
             Next::Enter => {}
+            Next::Mmio => {
+                counters.count(ExitReason::Mmio);
+                if let ExitAction::GuestExit(s) = dispatch_mmio(vcpu, backend, handler) {
+                    return VcpuStop::GuestExit(s);
+                }
+            }
+            Next::Msr => {
+                counters.count(ExitReason::Msr);
+                dispatch_msr(vcpu, backend);
+            }
             Next::Io => {
                 counters.count(ExitReason::Io);
                 if let ExitAction::GuestExit(s) = dispatch_io(vcpu, backend, handler) {
@@ -397,6 +380,65 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
             Next::Stop(s) => return s,
         }
     }
+}
+
+/// Hands an MMIO exit to the backend, then to the VMM if the backend does
+/// not claim the address. A read's data goes back through `kvm_run`.
+fn dispatch_mmio(
+    vcpu: &mut Vcpu,
+    backend: &dyn IrqchipBackend,
+    handler: &dyn ExitHandler,
+) -> ExitAction {
+    let index = vcpu.index();
+    let run = vcpu.fd.get_kvm_run();
+    if run.exit_reason != KVM_EXIT_MMIO {
+        return ExitAction::Continue;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the valid union
+    // member.
+    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+    let addr = mmio.phys_addr;
+    let len = (mmio.len as usize).min(mmio.data.len());
+    let data = &mut mmio.data[..len];
+    if mmio.is_write == 0 {
+        if !backend.mmio_read(index, addr, data) {
+            handler.mmio_read(index, addr, data);
+        }
+        ExitAction::Continue
+    } else if backend.mmio_write(index, addr, data) {
+        ExitAction::Continue
+    } else {
+        handler.mmio_write(index, addr, data)
+    }
+}
+
+/// Hands an RDMSR/WRMSR exit (filtered or unknown MSR) to the backend; an
+/// MSR it does not own, or a #GP it reports, sets `error` so KVM injects
+/// #GP.
+fn dispatch_msr(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend) {
+    let index = vcpu.index();
+    let run = vcpu.fd.get_kvm_run();
+    let reason = run.exit_reason;
+    if reason != KVM_EXIT_X86_RDMSR && reason != KVM_EXIT_X86_WRMSR {
+        return;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_X86_RDMSR or _WRMSR, so `msr` is the
+    // valid union member.
+    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+    msr.error = if reason == KVM_EXIT_X86_RDMSR {
+        match backend.msr_read(index, msr.index) {
+            Some(Ok(v)) => {
+                msr.data = v;
+                0
+            }
+            _ => 1,
+        }
+    } else {
+        match backend.msr_write(index, msr.index, msr.data) {
+            Some(Ok(())) => 0,
+            _ => 1,
+        }
+    };
 }
 
 /// Hands a port I/O exit to the VMM one element at a time (string I/O with
@@ -443,7 +485,7 @@ fn dispatch_io(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::irqchip::{KernelIrqchip, NoIrqchip};
+    use crate::irqchip::{KernelIrqchip, NoIrqchip, UserspaceIrqchip};
     use crate::testutil::{kvm_or_skip, memory_with, RecordingHandler};
     use crate::vm::Vm;
 
@@ -662,5 +704,163 @@ mod tests {
         let vm = Vm::new().unwrap();
         let chip = KernelIrqchip::new(vm.fd().clone());
         chip.set_gsi(1, true).unwrap();
+    }
+
+    /// Puts `vcpu` in 64-bit mode at `rip`, with 2 MiB identity pages for
+    /// 0-2 MiB and for the LAPIC page (uncached), tables at 0x10000.
+    /// Returns the page tables to put in memory.
+    fn set_long_mode_entry(vcpu: &Vcpu, rip: u64) -> Vec<(u64, Vec<u8>)> {
+        let entry = |v: u64| v.to_le_bytes().to_vec();
+        let mut pd3 = vec![0u8; 4096];
+        let lapic = ((0xFEE0_0000u64 >> 21) & 511) as usize;
+        pd3[lapic * 8..lapic * 8 + 8].copy_from_slice(&entry(0xFEE0_0000 | 0x93));
+        let mut pdpt = vec![0u8; 4096];
+        pdpt[..8].copy_from_slice(&entry(0x12000 | 3));
+        pdpt[24..32].copy_from_slice(&entry(0x13000 | 3));
+        let tables = vec![
+            (0x10000, entry(0x11000 | 3)),
+            (0x11000, pdpt),
+            (0x12000, entry(0x83)),
+            (0x13000, pd3),
+        ];
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        let seg = |selector: u16, type_: u8, l: u8| kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xFFFF_FFFF,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db: u8::from(l == 0),
+            s: 1,
+            l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.cs = seg(0x08, 0xB, 1);
+        let data = seg(0x10, 0x3, 0);
+        (sregs.ds, sregs.es, sregs.ss) = (data, data, data);
+        sregs.cr3 = 0x10000;
+        sregs.cr4 = 0x20; // PAE
+        sregs.cr0 = 0x8000_0011; // PG, ET, PE
+        sregs.efer = 0x500; // LMA, LME
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.fd.get_regs().unwrap();
+        regs.rip = rip;
+        regs.rflags = 0x2;
+        vcpu.fd.set_regs(&regs).unwrap();
+        tables
+    }
+
+    /// Regression: a CR8 write reached the userspace LAPIC only at the next
+    /// entry, so an MMIO TPR read in the same exit saw the old TPR, and an
+    /// MMIO TPR write was overwritten by the stale CR8 at that entry.
+    #[test]
+    fn userspace_lapic_tpr_follows_cr8_within_the_exit() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let code: &[u8] = &[
+            0xBB, 0x80, 0x00, 0xE0, 0xFE, // mov ebx, 0xFEE00080 (TPR)
+            0xB8, 0x03, 0x00, 0x00, 0x00, // mov eax, 3
+            0x44, 0x0F, 0x22, 0xC0, // mov cr8, rax
+            0x8B, 0x03, // mov eax, [rbx]
+            0xE6, 0x10, // out 0x10, al   (TPR after CR8 = 3)
+            0xB8, 0x05, 0x00, 0x00, 0x00, // mov eax, 5
+            0x44, 0x0F, 0x22, 0xC0, // mov cr8, rax
+            0xC7, 0x03, 0x70, 0x00, 0x00, 0x00, // mov dword [rbx], 0x70
+            0x44, 0x0F, 0x20, 0xC0, // mov rax, cr8
+            0xE6, 0xF4, // out 0xF4, al   (CR8 after TPR = 0x70)
+            0xF4, // hlt
+        ];
+        let mut vm = Vm::new().unwrap();
+        let backend: Arc<dyn IrqchipBackend> = Arc::new(UserspaceIrqchip::new(
+            vm.fd().clone(),
+            1,
+            virq::pit::LostTickPolicy::Reinject,
+        ));
+        backend.setup_vm(&vm).unwrap();
+        let vcpu = Vcpu::new(&vm, 0, 1).unwrap();
+        backend.setup_vcpu(&vcpu, true).unwrap();
+        let tables = set_long_mode_entry(&vcpu, 0x1000);
+        let mut image: Vec<(u64, &[u8])> = vec![(0x1000, code)];
+        image.extend(tables.iter().map(|(a, b)| (*a, b.as_slice())));
+        vm.register_memory(&memory_with(&image)).unwrap();
+        let m = Machine::new(vec![vcpu], backend);
+        let handler = Arc::new(RecordingHandler::new(|_, _| {}));
+        let out = m
+            .run(handler.clone(), Some(Duration::from_secs(20)))
+            .unwrap();
+        let writes = handler.writes.lock().unwrap().clone();
+        let tpr = writes.iter().find(|w| w.1 == 0x10).map(|w| w.2[0]);
+        assert_eq!(tpr, Some(0x30), "TPR read after CR8 = 3; {:?}", out.cause);
+        assert!(
+            matches!(
+                out.cause,
+                StopCause::Vcpu {
+                    stop: VcpuStop::GuestExit(7),
+                    ..
+                }
+            ),
+            "CR8 after the TPR write of 0x70: {:?}",
+            out.cause
+        );
+    }
+
+    /// Regression: an NMI that KVM holds (queued while NMIs were blocked)
+    /// must end a HLT once NMIs are unblocked. The userspace backend parked
+    /// the vCPU because its own model had nothing pending, so the NMI waited
+    /// until something else woke the vCPU.
+    #[test]
+    fn userspace_hlt_takes_an_nmi_kvm_still_holds() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let code: &[u8] = &[
+            0xC7, 0x06, 0x08, 0x00, 0x20, 0x10, // mov word [8], 0x1020 (IVT[2] ip)
+            0xC7, 0x06, 0x0A, 0x00, 0x00, 0x00, // mov word [0xA], 0 (IVT[2] cs)
+            0x9C, // pushf
+            0x0E, // push cs
+            0x68, 0x12, 0x10, // push 0x1012
+            0xCF, // iret: unblocks NMIs
+            0xF4, // 0x1012: hlt
+            0xB0, 0x01, 0xE6, 0xF4, // mov al, 1; out 0xF4, al (HLT ended without NMI)
+            0xF4, // hlt
+        ];
+        let nmi_handler: &[u8] = &[0xB0, 0x42, 0xE6, 0xF4, 0xF4]; // out 0xF4, 0x42
+        let mut vm = Vm::new().unwrap();
+        vm.register_memory(&memory_with(&[(0x1000, code), (0x1020, nmi_handler)]))
+            .unwrap();
+        let backend: Arc<dyn IrqchipBackend> = Arc::new(UserspaceIrqchip::new(
+            vm.fd().clone(),
+            1,
+            virq::pit::LostTickPolicy::Reinject,
+        ));
+        backend.setup_vm(&vm).unwrap();
+        let vcpu = Vcpu::new(&vm, 0, 1).unwrap();
+        backend.setup_vcpu(&vcpu, true).unwrap();
+        vcpu.set_real_mode_entry(0x1000).unwrap();
+        // As after KVM_NMI inside an NMI handler: one NMI pending, blocked.
+        let mut events = vcpu.fd.get_vcpu_events().unwrap();
+        events.nmi.pending = 1;
+        events.nmi.masked = 1;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING;
+        vcpu.fd.set_vcpu_events(&events).unwrap();
+        let m = Machine::new(vec![vcpu], backend);
+        let handler = Arc::new(RecordingHandler::new(|_, _| {}));
+        let out = m.run(handler, Some(Duration::from_secs(10))).unwrap();
+        assert!(
+            matches!(
+                out.cause,
+                StopCause::Vcpu {
+                    stop: VcpuStop::GuestExit(0x42),
+                    ..
+                }
+            ),
+            "{:?}",
+            out.cause
+        );
     }
 }

@@ -88,6 +88,20 @@ pub fn read_cr3() -> u64 {
     v
 }
 
+/// Reads CR8 (the task-priority class, TPR[7:4]).
+pub fn read_cr8() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR8 has no side effects.
+    unsafe { asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Writes CR8 (sets TPR[7:4]; TPR[3:0] becomes 0).
+pub fn write_cr8(value: u64) {
+    // SAFETY: only changes which interrupts are deliverable.
+    unsafe { asm!("mov cr8, {}", in(reg) value, options(nostack, preserves_flags)) }
+}
+
 /// Disables maskable interrupts.
 pub fn cli() {
     // SAFETY: only changes IF; acts as a compiler barrier.

@@ -2,7 +2,12 @@
 //!
 //! Every gate uses an IST stack (IST1; IST2 for NMI and #DF): the precompiled
 //! `core` uses the red zone, so an interrupt must never push below the
-//! interrupted RSP. Handlers run with interrupts disabled and must not nest.
+//! interrupted RSP. Handlers run with interrupts disabled and must not nest,
+//! except that a vector moved to the nesting stack (IST3, [`allow_nesting`])
+//! may interrupt a handler that enabled interrupts.
+//!
+//! [`try_rdmsr`] and [`try_wrmsr`] report a fault of the MSR access itself
+//! (#GP) instead of ending the guest.
 
 use crate::arch::{cli, wrmsr};
 use crate::boot::isr_stub;
@@ -24,6 +29,7 @@ pub const TSS_SEL: u16 = 0x20;
 const MAIN_STACK: usize = 32 * 1024;
 const IST1_STACK: usize = 16 * 1024;
 const IST2_STACK: usize = 4 * 1024;
+const IST3_STACK: usize = 8 * 1024;
 const IA32_GS_BASE: u32 = 0xC000_0101;
 
 /// The 64-bit task-state segment (only the stack pointers matter here).
@@ -71,6 +77,7 @@ struct CpuStacks {
     main: [u8; MAIN_STACK],
     ist1: [u8; IST1_STACK],
     ist2: [u8; IST2_STACK],
+    ist3: [u8; IST3_STACK],
 }
 
 static mut CPUS: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
@@ -81,6 +88,7 @@ static mut STACKS: [CpuStacks; MAX_CPUS] = [const {
         main: [0; MAIN_STACK],
         ist1: [0; IST1_STACK],
         ist2: [0; IST2_STACK],
+        ist3: [0; IST3_STACK],
     }
 }; MAX_CPUS];
 
@@ -97,6 +105,12 @@ static COUNTS: [[AtomicU32; 256]; MAX_CPUS] =
 
 /// Registered handlers (`fn(&mut InterruptFrame)` as usize; 0 = none).
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+
+/// Per CPU: the address of an instruction allowed to fault, and where to
+/// resume if it does (0 = none armed).
+static FIXUP: [[AtomicU64; 2]; MAX_CPUS] = [const { [const { AtomicU64::new(0) }; 2] }; MAX_CPUS];
+/// Per CPU: 1 + the vector of the fault the fixup caught (0 = none).
+static FIXUP_FAULT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// What the entry stub saved, in stack order.
 #[repr(C)]
@@ -214,6 +228,15 @@ fn gate(handler: u64, ist: u64) -> [u64; 2] {
     [low, handler >> 32]
 }
 
+/// Moves `vector`'s gate to the nesting stack (IST3) so it can interrupt a
+/// handler running on IST1 that re-enabled interrupts. Its own handler must
+/// keep interrupts disabled (a second level would reuse IST3).
+pub fn allow_nesting(vector: u8) {
+    // SAFETY: a single 16-byte gate is rewritten by the BSP while nothing can
+    // deliver `vector` (the caller has not sent it yet).
+    unsafe { (*addr_of_mut!(IDT)).0[usize::from(vector)] = gate(isr_stub(vector.into()), 3) }
+}
+
 /// Fills the shared IDT (BSP, once).
 pub fn build_idt() {
     for v in 0..256 {
@@ -242,6 +265,7 @@ pub fn init(cpu: usize) {
         c.tss.rsp[0] = addr_of!((*stacks).main) as u64 + MAIN_STACK as u64;
         c.tss.ist[0] = addr_of!((*stacks).ist1) as u64 + IST1_STACK as u64;
         c.tss.ist[1] = addr_of!((*stacks).ist2) as u64 + IST2_STACK as u64;
+        c.tss.ist[2] = addr_of!((*stacks).ist3) as u64 + IST3_STACK as u64;
         c.tss.iomap_base = core::mem::size_of::<Tss>() as u16;
 
         let base = addr_of!(c.tss) as u64;
@@ -315,6 +339,13 @@ extern "C" fn virq_isr_dispatch(frame: &mut InterruptFrame) {
         let handler: Handler = unsafe { core::mem::transmute::<usize, Handler>(handler) };
         handler(frame);
     } else if vector < 32 {
+        let fixup = &FIXUP[index()];
+        let resume = fixup[1].load(Ordering::Acquire);
+        if resume != 0 && frame.rip == fixup[0].load(Ordering::Acquire) {
+            frame.rip = resume;
+            FIXUP_FAULT[index()].store(frame.vector + 1, Ordering::Release);
+            return;
+        }
         fatal_exception(frame);
     }
     if !auto_eoi(vector) {
@@ -329,4 +360,79 @@ extern "C" fn virq_isr_dispatch(frame: &mut InterruptFrame) {
         0x30.. => lapic::eoi(),
         _ => {}
     }
+}
+
+/// A fault raised by an access made through [`try_rdmsr`] / [`try_wrmsr`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Exception vector (13 for #GP).
+    pub vector: u8,
+}
+
+fn fault_taken() -> Result<(), Fault> {
+    let cpu = index();
+    FIXUP[cpu][1].store(0, Ordering::Release);
+    FIXUP[cpu][0].store(0, Ordering::Release);
+    match FIXUP_FAULT[cpu].swap(0, Ordering::AcqRel) {
+        0 => Ok(()),
+        v => Err(Fault {
+            vector: (v - 1) as u8,
+        }),
+    }
+}
+
+/// RDMSR that reports a fault (e.g. #GP for an absent register) instead of
+/// ending the guest.
+pub fn try_rdmsr(msr: u32) -> Result<u64, Fault> {
+    let cpu = index();
+    FIXUP_FAULT[cpu].store(0, Ordering::Release);
+    let (lo, hi): (u32, u32);
+    // SAFETY: the fixup slots are this CPU's own; a fault of the RDMSR
+    // resumes at the label after it with EAX/EDX zeroed beforehand.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov [{slot}], {t}",
+            "lea {t}, [rip + 3f]",
+            "mov [{slot} + 8], {t}",
+            "xor eax, eax",
+            "xor edx, edx",
+            "2:",
+            "rdmsr",
+            "3:",
+            slot = in(reg) FIXUP[cpu].as_ptr(),
+            t = out(reg) _,
+            in("ecx") msr,
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack),
+        )
+    }
+    fault_taken().map(|()| (u64::from(hi) << 32) | u64::from(lo))
+}
+
+/// WRMSR that reports a fault (e.g. #GP for a read-only register) instead of
+/// ending the guest.
+pub fn try_wrmsr(msr: u32, value: u64) -> Result<(), Fault> {
+    let cpu = index();
+    FIXUP_FAULT[cpu].store(0, Ordering::Release);
+    // SAFETY: as for try_rdmsr.
+    unsafe {
+        asm!(
+            "lea {t}, [rip + 2f]",
+            "mov [{slot}], {t}",
+            "lea {t}, [rip + 3f]",
+            "mov [{slot} + 8], {t}",
+            "2:",
+            "wrmsr",
+            "3:",
+            slot = in(reg) FIXUP[cpu].as_ptr(),
+            t = out(reg) _,
+            in("ecx") msr,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nostack),
+        )
+    }
+    fault_taken()
 }

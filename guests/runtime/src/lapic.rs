@@ -7,9 +7,16 @@ use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Default xAPIC MMIO base.
 pub const XAPIC_BASE: usize = 0xFEE0_0000;
-const IA32_APIC_BASE: u32 = 0x1B;
-const APIC_BASE_ENABLE: u64 = 1 << 11;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// IA32_APIC_BASE MSR.
+pub const IA32_APIC_BASE: u32 = 0x1B;
+/// IA32_APIC_BASE bit 11: the APIC is enabled.
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// IA32_APIC_BASE bit 10: x2APIC mode.
+pub const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// IA32_TSC_DEADLINE MSR.
+pub const IA32_TSC_DEADLINE: u32 = 0x6E0;
+/// First x2APIC register MSR (register = 0x800 + xAPIC offset / 16).
+pub const X2APIC_MSR_BASE: u32 = 0x800;
 
 /// Register offsets (xAPIC MMIO offsets; x2APIC MSR = 0x800 + offset / 16).
 pub mod reg {
@@ -19,6 +26,8 @@ pub mod reg {
     pub const VERSION: u32 = 0x30;
     /// Task priority.
     pub const TPR: u32 = 0x80;
+    /// Processor priority.
+    pub const PPR: u32 = 0xA0;
     /// End of interrupt.
     pub const EOI: u32 = 0xB0;
     /// Logical destination (xAPIC writable; read-only in x2APIC).
@@ -27,8 +36,10 @@ pub mod reg {
     pub const DFR: u32 = 0xE0;
     /// Spurious-interrupt vector.
     pub const SVR: u32 = 0xF0;
-    /// In-service register, bits 31:0 (eight 32-bit registers 16 bytes apart).
+    /// In-service register, 8 words 0x10 apart.
     pub const ISR: u32 = 0x100;
+    /// Interrupt-request register, 8 words 0x10 apart.
+    pub const IRR: u32 = 0x200;
     /// Error status.
     pub const ESR: u32 = 0x280;
     /// Interrupt command (low half in xAPIC).
@@ -45,18 +56,27 @@ pub mod reg {
     pub const TIMER_CURRENT: u32 = 0x390;
     /// Timer divide configuration.
     pub const TIMER_DIVIDE: u32 = 0x3E0;
+    /// SELF_IPI (x2APIC only).
+    pub const SELF_IPI: u32 = 0x3F0;
 }
+
+/// SVR bit 8: the APIC is software-enabled.
+pub const SVR_ENABLE: u32 = 1 << 8;
+/// ESR bit 5: an IPI with an illegal vector was sent.
+pub const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
+/// ESR bit 6: an interrupt with an illegal vector was received.
+pub const ESR_RECEIVE_ILLEGAL_VECTOR: u32 = 1 << 6;
 
 /// LVT mask bit.
 pub const LVT_MASKED: u32 = 1 << 16;
 /// LVT timer mode: periodic.
 pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
-/// SVR bit 8: software enable.
-pub const SVR_ENABLE: u32 = 1 << 8;
 /// SVR bit 12: suppress EOI broadcasts to the IOAPICs.
 pub const SVR_SUPPRESS_EOI_BROADCAST: u32 = 1 << 12;
 /// Version bit 24: EOI-broadcast suppression is supported.
 pub const VERSION_EOI_BROADCAST_SUPPRESSION: u32 = 1 << 24;
+/// LVT timer mode: TSC-deadline.
+pub const LVT_TIMER_TSC_DEADLINE: u32 = 2 << 17;
 /// Vector used for the LAPIC's spurious interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -78,6 +98,26 @@ impl Icr {
     /// Start-up IPI for the real-mode page `page` (address = page * 4 KiB).
     pub fn startup(page: u8) -> Self {
         Icr(u32::from(page) | (0b110 << 8) | (1 << 14))
+    }
+    /// NMI, edge.
+    pub fn nmi() -> Self {
+        Icr((0b100 << 8) | (1 << 14))
+    }
+    /// The same command with a logical destination (bit 11).
+    pub fn logical(self) -> Self {
+        Icr(self.0 | (1 << 11))
+    }
+    /// The same command to this APIC only (shorthand 01; destination ignored).
+    pub fn to_self(self) -> Self {
+        Icr(self.0 | (0b01 << 18))
+    }
+    /// The same command to every APIC, this one included (shorthand 10).
+    pub fn to_all(self) -> Self {
+        Icr(self.0 | (0b10 << 18))
+    }
+    /// The same command to every APIC but this one (shorthand 11).
+    pub fn to_others(self) -> Self {
+        Icr(self.0 | (0b11 << 18))
     }
     /// Delivery-status (send pending) bit, xAPIC only.
     pub fn send_pending(self) -> bool {
@@ -169,6 +209,22 @@ pub fn set_logical_flat(bits: u8) {
     }
 }
 
+/// Whether `vector` is set in the 256-bit register starting at `base`
+/// (`reg::IRR` or `reg::ISR`).
+pub fn vector_bit(base: u32, vector: u8) -> bool {
+    let v = u32::from(vector);
+    read(base + (v / 32) * 0x10) & (1 << (v % 32)) != 0
+}
+
+/// Moves this CPU's APIC from xAPIC to x2APIC mode (IA32_APIC_BASE bit 10)
+/// without changing the mode the register accessors use: every CPU switches
+/// its own APIC, and the BSP then calls `set_mode(true)`. The caller must not
+/// touch the APIC in between.
+pub fn enter_x2apic_mode() {
+    let base = rdmsr(IA32_APIC_BASE);
+    wrmsr(IA32_APIC_BASE, base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
+}
+
 /// Signals end of interrupt.
 pub fn eoi() {
     write(reg::EOI, 0);
@@ -176,8 +232,7 @@ pub fn eoi() {
 
 /// Whether `vector` is in service (its ISR bit is set).
 pub fn in_service(vector: u8) -> bool {
-    let v = u32::from(vector);
-    read(reg::ISR + 0x10 * (v / 32)) & (1 << (v % 32)) != 0
+    vector_bit(reg::ISR, vector)
 }
 
 /// Vector of the in-service probe's self-IPI.

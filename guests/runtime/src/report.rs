@@ -62,6 +62,28 @@ pub fn check_at_least(name: &str, min: u64, got: u64) -> bool {
     ok
 }
 
+/// Passes if `got` equals `expected` element by element (a sequence of
+/// observations, e.g. counts after each step); the failure line shows both
+/// lists in hex.
+pub fn check_list(name: &str, expected: &[u64], got: &[u64]) -> bool {
+    let ok = got == expected;
+    if ok {
+        pass(name);
+    } else {
+        let mut l = fail_line(name);
+        l.s("expected [");
+        for (i, v) in expected.iter().enumerate() {
+            l.s(if i == 0 { "" } else { " " }).x(*v);
+        }
+        l.s("], got [");
+        for (i, v) in got.iter().enumerate() {
+            l.s(if i == 0 { "" } else { " " }).x(*v);
+        }
+        l.s("]").print();
+    }
+    ok
+}
+
 /// Passes if `got == expected` (booleans).
 pub fn check_bool(name: &str, expected: bool, got: bool) -> bool {
     let ok = got == expected;

@@ -6,6 +6,8 @@
 //! - [`IrqchipBackend::setup_vcpu`] once per vCPU, before threads start;
 //! - [`IrqchipBackend::before_entry`] before every `KVM_RUN` (inject a
 //!   pending vector, or request an interrupt window);
+//! - [`IrqchipBackend::after_exit`] after every `KVM_RUN`, before the exit
+//!   is handled (take in what the exit reports, e.g. a CR8 the guest wrote);
 //! - the `on_*` hooks for the exits only some modes see (HLT, interrupt
 //!   window, IOAPIC EOI), and the MMIO/MSR hooks that get the first look at
 //!   those exits (userspace LAPIC at 0xFEE00000 / x2APIC MSRs);
@@ -165,6 +167,10 @@ pub trait IrqchipBackend: Send + Sync {
     fn before_entry(&self, _vcpu: &mut VcpuCtx<'_>) -> Result<()> {
         Ok(())
     }
+
+    /// Runs after every `KVM_RUN`, before the exit is dispatched to the
+    /// other hooks.
+    fn after_exit(&self, _vcpu: &mut VcpuCtx<'_>) {}
 
     /// A HLT reached userspace (only without an in-kernel LAPIC). May block
     /// until an interrupt arrives or [`IrqchipBackend::wake`] is called.

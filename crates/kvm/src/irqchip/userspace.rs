@@ -9,7 +9,9 @@
 //! vCPU ready, else we request an interrupt window. HLT exits park the vCPU
 //! until it has something to take. INIT and SIPI are performed here: APs
 //! start parked in wait-for-SIPI. CR8 and the LAPIC's TPR are kept in step
-//! through `kvm_run.cr8`.
+//! through `kvm_run.cr8`: a CR8 the guest wrote is taken into the TPR
+//! right after the exit, before the exit is handled, and the TPR goes back
+//! into CR8 before the next entry.
 //!
 //! Delivery to another vCPU always kicks it: under nested KVM an
 //! interrupt-window request never exits while the guest runs at CPL3.
@@ -151,6 +153,15 @@ impl UserspaceIrqchip {
         self.last_cr8[index].store(cr8, Ordering::Relaxed);
         cr8
     }
+}
+
+/// KVM has an NMI for this vCPU (one we queued with `KVM_NMI` while NMIs
+/// were blocked) and NMIs are no longer blocked, so the next entry delivers
+/// it. A failed query counts as "no".
+fn kvm_holds_deliverable_nmi(ctx: &VcpuCtx<'_>) -> bool {
+    ctx.fd()
+        .get_vcpu_events()
+        .is_ok_and(|e| e.nmi.pending != 0 && e.nmi.masked == 0)
 }
 
 /// What the vCPU can take given KVM's view of it; NMIs are KVM's business
@@ -307,8 +318,30 @@ impl IrqchipBackend for UserspaceIrqchip {
         Ok(())
     }
 
+    /// A CR8 the guest wrote since the last entry goes into the LAPIC's TPR
+    /// before the exit is handled, so an MMIO/MSR access in this exit sees
+    /// it, and a TPR the access writes is not overwritten by the stale CR8
+    /// at the next entry.
+    fn after_exit(&self, ctx: &mut VcpuCtx<'_>) {
+        let index = ctx.index() as usize;
+        let cr8_now = ctx.cr8();
+        if cr8_now == self.last_cr8[index].load(Ordering::Relaxed) {
+            return;
+        }
+        self.host.with_chip(Some(index), false, |chip, _| {
+            self.sync_tpr(chip, index, cr8_now);
+        });
+    }
+
     fn on_hlt(&self, ctx: &mut VcpuCtx<'_>) -> HltAction {
         let index = ctx.index() as usize;
+        if kvm_holds_deliverable_nmi(ctx) {
+            // An NMI handed over while NMIs were blocked is still waiting in
+            // KVM and can be taken now: enter so KVM delivers it (the HLT
+            // ends, as it would on hardware). Parking would hold it until
+            // something else woke the vCPU.
+            return HltAction::Resume;
+        }
         let if_flag = ctx.if_flag();
         let kick = ctx.kick();
         self.host.park_until(
