@@ -634,7 +634,7 @@ impl Chipset {
         match self.lapics.get(vcpu) {
             Some(lapic) => PendingEvents {
                 nmi: lapic.nmi_pending(),
-                extint: self.extint[vcpu] || (self.pic.output() && lapic.accepts_pic_interrupts()),
+                extint: self.extint[vcpu] || (lapic.accepts_pic_interrupts() && self.pic.output()),
                 vector: lapic.highest_deliverable(),
             },
             None => PendingEvents {

@@ -250,11 +250,12 @@ impl Ioapic {
 
     /// Edge-triggered pins (bit n = pin n) whose entry carries `vector`.
     pub fn edge_pins_with_vector(&self, vector: u8) -> u32 {
-        self.rtes
-            .iter()
-            .enumerate()
-            .filter(|(_, rte)| rte.vector() == vector && !rte.is_level())
-            .fold(0, |acc, (pin, _)| acc | (1 << pin))
+        // Branch-free: this runs on every edge EOI, usually finding nothing.
+        let mut pins = 0;
+        for (pin, rte) in self.rtes.iter().enumerate() {
+            pins |= u32::from((rte.vector() == vector) & !rte.is_level()) << pin;
+        }
+        pins
     }
 
     /// Guest read of `data.len()` bytes at `offset` in the IOAPIC page.
