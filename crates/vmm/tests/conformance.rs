@@ -127,6 +127,16 @@ fn guests() -> Vec<Guest> {
     guests
 }
 
+/// The last result line a guest printed, for reports of runs that crashed
+/// or hung.
+fn last_check(output: &str) -> &str {
+    output
+        .lines()
+        .rev()
+        .find(|l| ["PASS ", "FAIL ", "SKIP "].iter().any(|p| l.starts_with(p)))
+        .unwrap_or("none")
+}
+
 /// What one configuration reported for one check.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Outcome {
@@ -327,6 +337,13 @@ fn differences_table() -> Differences {
 }
 
 #[test]
+fn a_crashed_run_is_reported_with_its_last_check() {
+    let output = "# booting\nPASS a\nFAIL b: expected 1, got 2\n# noise\n";
+    assert_eq!(last_check(output), "FAIL b: expected 1, got 2");
+    assert_eq!(last_check("# nothing yet\n"), "none");
+}
+
+#[test]
 fn differences_table_names_only_known_guests_and_checks_with_reasons() {
     let guests = guests();
     let table = differences_table();
@@ -430,9 +447,12 @@ fn conformance_suite_in_every_mode_and_against_qemu() {
             let run = &results[&(guest.name.clone(), c.clone())];
             let listed = table.runs.contains_key(&(guest.name.clone(), c.clone()));
             match (&run.trouble, listed) {
-                (Some(t), false) => {
-                    problems.push(format!("{}/{c}: {t}; output:\n{}", guest.name, run.output))
-                }
+                (Some(t), false) => problems.push(format!(
+                    "{}/{c}: {t}; last check printed: {}; output:\n{}",
+                    guest.name,
+                    last_check(&run.output),
+                    run.output
+                )),
                 (None, true) => problems.push(format!(
                     "{}/{c}: listed in docs/differences.md runs as unable to run, but it ran; remove the row",
                     guest.name
