@@ -200,11 +200,10 @@ fn highest(set: &[u32; 8]) -> Option<u8> {
         .find_map(|i| (set[i] != 0).then(|| (i * 32 + 31 - set[i].leading_zeros() as usize) as u8))
 }
 
-/// I/O ports: the PIT, port 0x61, both PICs, the ELCR and their neighbours.
-pub fn ports(data: &[u8]) -> Outcome {
-    const PORTS: [u16; 14] = [
-        0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1, 0x40, 0x41, 0x42, 0x43, 0x61, 0x22, 0x44, 0x4D2,
-    ];
+/// The loop every driver shares: each step is a common operation or, when
+/// the op byte is not one, the surface's own `step`; invariants are checked
+/// after every step.
+fn drive(data: &[u8], mut step: impl FnMut(&mut Chipset, u8, &mut Script, u64)) -> Outcome {
     let mut chip = machine(LapicPlacement::Model);
     let mut s = Script::new(data);
     let mut now = 0u64;
@@ -213,143 +212,123 @@ pub fn ports(data: &[u8]) -> Outcome {
         out.ops += 1;
         let op = s.u8();
         if !common_op(&mut chip, op, &mut s, &mut now, &mut out) {
-            let port = if op & 0x40 != 0 {
-                s.u16()
-            } else {
-                PORTS[usize::from(s.u8()) % PORTS.len()]
-            };
-            let mut buf = [0u8; 8];
-            let width = s.width();
-            if op & 1 == 0 {
-                buf[..width].copy_from_slice(&s.u64().to_le_bytes()[..width]);
-                chip.pio_write(port, &buf[..width], now);
-            } else {
-                chip.pio_read(port, &mut buf[..width], now);
-            }
+            step(&mut chip, op, &mut s, now);
         }
         check(&mut chip, now);
     }
     out
 }
 
+/// I/O ports: the PIT, port 0x61, both PICs, the ELCR and their neighbours.
+pub fn ports(data: &[u8]) -> Outcome {
+    const PORTS: [u16; 14] = [
+        0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1, 0x40, 0x41, 0x42, 0x43, 0x61, 0x22, 0x44, 0x4D2,
+    ];
+    drive(data, |chip, op, s, now| {
+        let port = if op & 0x40 != 0 {
+            s.u16()
+        } else {
+            PORTS[usize::from(s.u8()) % PORTS.len()]
+        };
+        let mut buf = [0u8; 8];
+        let width = s.width();
+        if op & 1 == 0 {
+            buf[..width].copy_from_slice(&s.u64().to_le_bytes()[..width]);
+            chip.pio_write(port, &buf[..width], now);
+        } else {
+            chip.pio_read(port, &mut buf[..width], now);
+        }
+    })
+}
+
 /// The IOAPIC window: IOREGSEL/IOWIN/EOI and every other offset and width,
 /// with lines toggling and EOIs arriving.
 pub fn ioapic_mmio(data: &[u8]) -> Outcome {
-    let mut chip = machine(LapicPlacement::Model);
-    let mut s = Script::new(data);
-    let mut now = 0u64;
-    let mut out = Outcome::default();
-    while !s.done() {
-        out.ops += 1;
-        let op = s.u8();
-        if !common_op(&mut chip, op, &mut s, &mut now, &mut out) {
-            match op % 4 {
-                0 => {
-                    // Offset anywhere in the page, with a bias to the registers.
-                    let offset = match s.u8() % 4 {
-                        0 => 0x00,
-                        1 => 0x10,
-                        2 => 0x40,
-                        _ => u64::from(s.u16() & 0xFFF),
-                    };
-                    let width = s.width();
-                    let bytes = s.u64().to_le_bytes();
-                    chip.mmio_write(s.vcpu() % VCPUS, IOAPIC_BASE + offset, &bytes[..width], now);
-                }
-                1 => {
-                    let offset = u64::from(s.u16() & 0xFFF);
-                    let mut buf = [0u8; 8];
-                    let width = s.width();
-                    chip.mmio_read(0, IOAPIC_BASE + offset, &mut buf[..width], now);
-                }
-                2 => chip.ioapic_eoi(s.u8(), now),
-                _ => {
-                    // Select a register and read it back whole.
-                    let index = s.u8();
-                    chip.mmio_write(0, IOAPIC_BASE, &u32::from(index).to_le_bytes(), now);
-                    let mut buf = [0u8; 4];
-                    chip.mmio_read(0, IOAPIC_BASE + 0x10, &mut buf, now);
-                    let value = u32::from_le_bytes(buf);
-                    let last = 0x10 + 2 * IOAPIC_PINS - 1;
-                    if u32::from(index) > last {
-                        assert_eq!(
-                            value,
-                            u32::MAX,
-                            "index {index:#x} past the RTEs reads all ones"
-                        );
-                    }
+    drive(data, |chip, op, s, now| {
+        match op % 4 {
+            0 => {
+                // Offset anywhere in the page, with a bias to the registers.
+                let offset = match s.u8() % 4 {
+                    0 => 0x00,
+                    1 => 0x10,
+                    2 => 0x40,
+                    _ => u64::from(s.u16() & 0xFFF),
+                };
+                let width = s.width();
+                let bytes = s.u64().to_le_bytes();
+                chip.mmio_write(s.vcpu() % VCPUS, IOAPIC_BASE + offset, &bytes[..width], now);
+            }
+            1 => {
+                let offset = u64::from(s.u16() & 0xFFF);
+                let mut buf = [0u8; 8];
+                let width = s.width();
+                chip.mmio_read(0, IOAPIC_BASE + offset, &mut buf[..width], now);
+            }
+            2 => chip.ioapic_eoi(s.u8(), now),
+            _ => {
+                // Select a register and read it back whole.
+                let index = s.u8();
+                chip.mmio_write(0, IOAPIC_BASE, &u32::from(index).to_le_bytes(), now);
+                let mut buf = [0u8; 4];
+                chip.mmio_read(0, IOAPIC_BASE + 0x10, &mut buf, now);
+                let value = u32::from_le_bytes(buf);
+                let last = 0x10 + 2 * IOAPIC_PINS - 1;
+                if u32::from(index) > last {
+                    assert_eq!(
+                        value,
+                        u32::MAX,
+                        "index {index:#x} past the RTEs reads all ones"
+                    );
                 }
             }
         }
-        check(&mut chip, now);
-    }
-    out
+    })
 }
 
 /// The LAPIC page (any offset and width) and the APIC MSRs (x2APIC range,
 /// APIC_BASE, TSC_DEADLINE and neighbours), from any vCPU.
 pub fn lapic(data: &[u8]) -> Outcome {
     const MSRS: [u32; 6] = [0x1B, 0x6E0, 0x800, 0x8FF, 0x900, 0x7FF];
-    let mut chip = machine(LapicPlacement::Model);
-    let mut s = Script::new(data);
-    let mut now = 0u64;
-    let mut out = Outcome::default();
-    while !s.done() {
-        out.ops += 1;
-        let op = s.u8();
-        if !common_op(&mut chip, op, &mut s, &mut now, &mut out) {
-            let cpu = s.vcpu();
-            match op % 4 {
-                0 => {
-                    let offset = match s.u8() % 2 {
-                        0 => LAPIC_REGS[usize::from(s.u8()) % LAPIC_REGS.len()],
-                        _ => u64::from(s.u16() & 0xFFF),
-                    };
-                    let width = s.width();
-                    let bytes = s.u64().to_le_bytes();
-                    chip.mmio_write(cpu, LAPIC_BASE + offset, &bytes[..width], now);
-                }
-                1 => {
-                    let offset = u64::from(s.u16() & 0xFFF);
-                    let mut buf = [0u8; 8];
-                    let width = s.width();
-                    chip.mmio_read(cpu, LAPIC_BASE + offset, &mut buf[..width], now);
-                }
-                2 => {
-                    let msr = match s.u8() % 3 {
-                        0 => 0x800 + u32::from(s.u8()),
-                        1 => MSRS[usize::from(s.u8()) % MSRS.len()],
-                        _ => s.u32(),
-                    };
-                    let value = s.u64();
-                    let _ = chip.msr_write(cpu, msr, value, now);
-                }
-                _ => {
-                    let msr = 0x800 + u32::from(s.u8());
-                    let _ = chip.msr_read(cpu, msr, now);
-                }
+    drive(data, |chip, op, s, now| {
+        let cpu = s.vcpu();
+        match op % 4 {
+            0 => {
+                let offset = match s.u8() % 2 {
+                    0 => LAPIC_REGS[usize::from(s.u8()) % LAPIC_REGS.len()],
+                    _ => u64::from(s.u16() & 0xFFF),
+                };
+                let width = s.width();
+                let bytes = s.u64().to_le_bytes();
+                chip.mmio_write(cpu, LAPIC_BASE + offset, &bytes[..width], now);
+            }
+            1 => {
+                let offset = u64::from(s.u16() & 0xFFF);
+                let mut buf = [0u8; 8];
+                let width = s.width();
+                chip.mmio_read(cpu, LAPIC_BASE + offset, &mut buf[..width], now);
+            }
+            2 => {
+                let msr = match s.u8() % 3 {
+                    0 => 0x800 + u32::from(s.u8()),
+                    1 => MSRS[usize::from(s.u8()) % MSRS.len()],
+                    _ => s.u32(),
+                };
+                let value = s.u64();
+                let _ = chip.msr_write(cpu, msr, value, now);
+            }
+            _ => {
+                let msr = 0x800 + u32::from(s.u8());
+                let _ = chip.msr_read(cpu, msr, now);
             }
         }
-        check(&mut chip, now);
-    }
-    out
+    })
 }
 
 /// Routing table updates: arbitrary tables are either rejected with a typed
 /// error or installed, and an installed one survives save and restore and
 /// drives every GSI it names without panicking.
 pub fn routing(data: &[u8]) -> Outcome {
-    let mut chip = machine(LapicPlacement::Model);
-    let mut s = Script::new(data);
-    let mut now = 0u64;
-    let mut out = Outcome::default();
-    while !s.done() {
-        out.ops += 1;
-        let op = s.u8();
-        if common_op(&mut chip, op, &mut s, &mut now, &mut out) {
-            check(&mut chip, now);
-            continue;
-        }
+    drive(data, |chip, _op, s, now| {
         let n = usize::from(s.u8() % 32);
         let entries: Vec<RouteEntry> = (0..n)
             .map(|_| {
@@ -392,9 +371,7 @@ pub fn routing(data: &[u8]) -> Outcome {
                 chip.set_gsi(gsi, SourceId::USER, false, now);
             }
         }
-        check(&mut chip, now);
-    }
-    out
+    })
 }
 
 #[cfg(test)]
