@@ -382,6 +382,13 @@ impl LineLevels {
     }
 
     /// The OR'd level of `gsi`.
+    pub fn source_level(&self, gsi: u32, source: SourceId) -> bool {
+        self.sources
+            .get(gsi as usize)
+            .is_some_and(|mask| *mask & source.bit() != 0)
+    }
+
+    /// The line's level: the OR of its sources.
     pub fn level(&self, gsi: u32) -> bool {
         self.sources
             .get(gsi as usize)

@@ -167,6 +167,9 @@ pub struct Chipset {
     extint: Vec<bool>,
     routing: RoutingTable,
     levels: LineLevels,
+    /// Level sources lowered by the guest's acknowledgement of their GSI
+    /// (see [`Chipset::set_resample`]). Few entries; scanned only on an ack.
+    resample: Vec<(u32, SourceId)>,
     events: Vec<ChipEvent>,
     counts: DeliveryCounts,
     vcpus: usize,
@@ -205,6 +208,7 @@ impl Chipset {
             addressing,
             routing: RoutingTable::default_pc(),
             levels: LineLevels::new(),
+            resample: Vec::new(),
             events: Vec::new(),
             counts: DeliveryCounts::default(),
             vcpus: config.vcpus,
@@ -282,6 +286,52 @@ impl Chipset {
     /// Replace the whole routing table (validated by [`RoutingTable::new`]).
     pub fn set_routing(&mut self, table: RoutingTable) {
         self.routing = table;
+    }
+
+    /// Makes `source`'s level on `gsi` a resampled one (`on`), or an
+    /// ordinary one again. When the guest acknowledges the GSI (IOAPIC EOI
+    /// of a pin it is routed to, or a PIC EOI), the chipset lowers that
+    /// source *before* the IOAPIC looks at the line again, so a device that
+    /// no longer needs service gets no second interrupt; the
+    /// [`ChipEvent::GsiAcked`] that follows tells the device to re-assert if
+    /// it still does. This is KVM's irqfd resampler, done in the ack path.
+    pub fn set_resample(&mut self, gsi: u32, source: SourceId, on: bool) {
+        self.resample.retain(|&entry| entry != (gsi, source));
+        if on {
+            self.resample.push((gsi, source));
+        }
+    }
+
+    /// Lowers every resampled source of a GSI routed to one of these PIC
+    /// IRQs or IOAPIC pins.
+    fn lower_resampled(&mut self, pic_irqs: u16, ioapic_pins: u32, now_ns: u64) {
+        for i in 0..self.resample.len() {
+            let (gsi, source) = self.resample[i];
+            let acked = self.routing.routes(gsi).iter().any(|route| match *route {
+                Route::Pic { chip, pin } => {
+                    let irq = match chip {
+                        PicChip::Master => pin,
+                        PicChip::Slave => pin + 8,
+                    };
+                    pic_irqs & (1 << irq) != 0
+                }
+                Route::Ioapic { pin } => ioapic_pins & (1 << pin) != 0,
+                Route::Msi(_) => false,
+            });
+            if acked && self.levels.source_level(gsi, source) {
+                self.set_gsi(gsi, source, false, now_ns);
+            }
+        }
+    }
+
+    /// An EOI for `vector` is about to reach the IOAPIC: lower the resampled
+    /// sources of the pins it acknowledges first (KVM runs its ack notifiers
+    /// before it redelivers a still-asserted pin).
+    fn resample_before_ioapic_eoi(&mut self, vector: u8, now_ns: u64) {
+        if !self.resample.is_empty() {
+            let pins = self.ioapic.pins_with_vector(vector);
+            self.lower_resampled(0, pins, now_ns);
+        }
     }
 
     fn check_lapic(&self, vcpu: usize) -> Result<(), ChipsetError> {
@@ -403,6 +453,11 @@ impl Chipset {
         if pic_irqs == 0 && ioapic_pins == 0 {
             return;
         }
+        if !self.resample.is_empty() {
+            // Lowering a line acknowledges nothing, so this cannot recurse
+            // further than once.
+            self.lower_resampled(pic_irqs, ioapic_pins, now_ns);
+        }
         for gsi in self.routing.gsis_acked(pic_irqs, ioapic_pins) {
             if gsi == 0 {
                 self.pit.irq0_acked(now_ns);
@@ -414,6 +469,7 @@ impl Chipset {
     /// An EOI for `vector` from the LAPICs: KVM's `KVM_EXIT_IOAPIC_EOI` in
     /// split mode, or a LAPIC's EOI broadcast here.
     pub fn ioapic_eoi(&mut self, vector: u8, now_ns: u64) {
+        self.resample_before_ioapic_eoi(vector, now_ns);
         let (mut bus, ioapic) = self.bus(now_ns);
         ioapic.eoi(vector, now_ns, &mut bus);
         self.collect_acks(now_ns);
@@ -516,6 +572,12 @@ impl Chipset {
             return true;
         }
         if (IOAPIC_BASE..IOAPIC_BASE + PAGE).contains(&addr) {
+            let offset = addr - IOAPIC_BASE;
+            if offset & 0xFF == crate::ioapic::IOEOI && self.ioapic.version().has_eoi_register() {
+                if let Some(&vector) = data.first() {
+                    self.resample_before_ioapic_eoi(vector, now_ns);
+                }
+            }
             let pit_pin_masked = self.pit_pin_masked();
             let (mut bus, ioapic) = self.bus(now_ns);
             ioapic.mmio_write(addr - IOAPIC_BASE, data, now_ns, &mut bus);

@@ -782,3 +782,110 @@ fn x2apic_icr_to_a_cluster_beyond_the_map_reaches_nobody() {
         .expect("valid ICR");
     assert_eq!(take(&mut c, 1), Some(0x61));
 }
+
+#[test]
+fn resampled_level_source_is_lowered_before_the_ioapic_eoi_can_redeliver() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0);
+    let device = SourceId::new(7).expect("id");
+    c.set_resample(10, device, true);
+    assert_eq!(c.set_gsi(10, device, true, 0), IrqStatus::Delivered(1));
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    events(&mut c);
+    write32(&mut c, 0, EOI, 0);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(take(&mut c, 0), None, "the EOI lowered the line first");
+    assert_eq!(rte_low(&mut c, 10) & (1 << 14), 0, "remote IRR clear");
+    // The device still needs service: re-asserting delivers again.
+    assert_eq!(c.set_gsi(10, device, true, 0), IrqStatus::Delivered(1));
+    assert_eq!(take(&mut c, 0), Some(0x41));
+}
+
+#[test]
+fn resample_leaves_other_sources_of_a_shared_line_asserted() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    set_rte(&mut c, 11, 0x8000 | 0x42, 0);
+    let resampled = SourceId::new(8).expect("id");
+    let plain = SourceId::new(9).expect("id");
+    c.set_resample(11, resampled, true);
+    c.set_gsi(11, resampled, true, 0);
+    c.set_gsi(11, plain, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42));
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(
+        take(&mut c, 0),
+        Some(0x42),
+        "the plain source still holds it"
+    );
+    c.set_gsi(11, plain, false, 0);
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), None);
+    // Turned off again, the source is an ordinary level.
+    c.set_resample(11, resampled, false);
+    c.set_gsi(11, resampled, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42));
+    write32(&mut c, 0, EOI, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42), "no longer lowered by the EOI");
+}
+
+#[test]
+fn resample_runs_before_a_directed_eoi_too() {
+    let mut c = chipset(1, LapicPlacement::Model); // IOAPIC 0x20
+    mask_pics(&mut c);
+    write32(&mut c, 0, SVR, 0x11FF); // EOI broadcast suppressed
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0);
+    let device = SourceId::new(7).expect("id");
+    c.set_resample(10, device, true);
+    c.set_gsi(10, device, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    write32(&mut c, 0, EOI, 0);
+    write32(&mut c, 0, IOAPIC_BASE + 0x40, 0x41);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(10)));
+    assert_eq!(take(&mut c, 0), None);
+}
+
+#[test]
+fn resample_through_a_split_mode_eoi_exit() {
+    let mut c = chipset(1, LapicPlacement::External);
+    mask_pics(&mut c);
+    set_rte(&mut c, 10, 0x8000 | 0x41, 0);
+    let device = SourceId::new(7).expect("id");
+    c.set_resample(10, device, true);
+    c.set_gsi(10, device, true, 0);
+    assert_eq!(
+        events(&mut c)
+            .iter()
+            .filter(|e| matches!(e, ChipEvent::ExternalMessage(_)))
+            .count(),
+        1
+    );
+    c.external_lapic_eoi(0x41, true, 0);
+    let after = events(&mut c);
+    assert!(after.contains(&ChipEvent::GsiAcked(10)));
+    assert!(
+        !after
+            .iter()
+            .any(|e| matches!(e, ChipEvent::ExternalMessage(_))),
+        "no redelivery: {after:?}"
+    );
+}
+
+#[test]
+fn resampled_pic_level_line_is_lowered_by_the_pic_eoi() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    c.lapic_mut(0).expect("bsp").setup_virtual_wire();
+    init_master_pic(&mut c, !(1 << 5));
+    c.pio_write(0x4D0, &[1 << 5], 0); // ELCR: IRQ 5 level
+    let device = SourceId::new(7).expect("id");
+    c.set_resample(5, device, true);
+    c.set_gsi(5, device, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x25));
+    events(&mut c);
+    c.pio_write(0x20, &[0x20], 0); // non-specific EOI
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(5)));
+    assert_eq!(take(&mut c, 0), None, "the line went low with the EOI");
+    c.set_gsi(5, device, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x25), "re-asserting delivers again");
+}

@@ -258,6 +258,16 @@ impl Ioapic {
         pins
     }
 
+    /// Pins (bit n = pin n) whose entry has `vector`, level or edge: the
+    /// pins an EOI for that vector acknowledges.
+    pub fn pins_with_vector(&self, vector: u8) -> u32 {
+        let mut pins = 0;
+        for (pin, rte) in self.rtes.iter().enumerate() {
+            pins |= u32::from(rte.vector() == vector) << pin;
+        }
+        pins
+    }
+
     /// Guest read of `data.len()` bytes at `offset` in the IOAPIC page.
     ///
     /// Offsets are decoded modulo 0x100. 0x00 reads IOREGSEL and 0x10 the
