@@ -9,12 +9,15 @@
 //!   `userspace` plug in through the same trait);
 //! - [`machine`]: one thread per vCPU, exit dispatch to the VMM through
 //!   [`ExitHandler`], stop-all and timeout;
+//! - [`sources`]: eventfd interrupt sources (edge, MSI, level with
+//!   resample) and doorbells for device threads;
 //! - [`stats`]: per-vCPU exit counters.
 #![deny(missing_docs)]
 
 pub mod irqchip;
 pub mod kick;
 pub mod machine;
+pub mod sources;
 pub mod state;
 pub mod stats;
 pub mod vcpu;
@@ -55,6 +58,9 @@ pub enum Error {
     /// Our chipset model refused its configuration.
     #[error("irqchip model: {0}")]
     Chipset(#[from] virq::chipset::ChipsetError),
+    /// The irqchip mode cannot do what was asked.
+    #[error("not supported in this irqchip mode: {0}")]
+    Unsupported(&'static str),
     /// The requested vCPU count is not supported.
     #[error("{requested} vCPUs requested, KVM supports at most {max}")]
     TooManyVcpus {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use virq::chipset::{ChipEvent, Chipset};
 use virq::delivery::InterruptMessage;
 use virq::lapic::StartupEvent;
+use virq::routing::SourceId;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Where APIC bus messages go when the LAPICs are KVM's (split mode).
 pub type ExternalSink = Box<dyn Fn(&InterruptMessage) + Send + Sync>;
@@ -58,6 +60,8 @@ struct Inner {
     timer: Mutex<TimerState>,
     timer_cv: Condvar,
     external: Option<ExternalSink>,
+    /// Resample eventfds of level sources, by GSI: written on each ack.
+    resamplers: Mutex<Vec<(u32, Arc<EventFd>)>>,
 }
 
 /// The chipset, its clock, timers and vCPU wake-ups for one VM.
@@ -79,6 +83,7 @@ impl ChipHost {
                 timer: Mutex::new(TimerState::default()),
                 timer_cv: Condvar::new(),
                 external,
+                resamplers: Mutex::new(Vec::new()),
             }),
             timer_thread: Mutex::new(None),
         }
@@ -103,6 +108,13 @@ impl ChipHost {
             Ok(t) => *lock(&self.timer_thread) = Some(t),
             Err(e) => tracing::error!("cannot start the timer thread: {e}"),
         }
+    }
+
+    /// Makes `source` on `gsi` a resampled level source whose acks are
+    /// reported on `resample`.
+    pub fn watch_resample(&self, gsi: u32, source: SourceId, resample: Arc<EventFd>) {
+        lock(&self.inner.resamplers).push((gsi, resample));
+        self.with_chip(None, false, |c, _| c.set_resample(gsi, source, true));
     }
 
     /// Registers vCPU `index`'s kick handle.
@@ -216,8 +228,19 @@ impl Inner {
                     }
                     self.notify(vcpu, current);
                 }
-                // Level-source resampling hooks in here.
-                ChipEvent::GsiAcked(_) => {}
+                // The chipset already lowered the resampled sources.
+                ChipEvent::GsiAcked(gsi) => self.resampled(gsi),
+            }
+        }
+    }
+
+    /// Tells the level sources on `gsi` that the guest acknowledged it.
+    fn resampled(&self, gsi: u32) {
+        for (g, fd) in lock(&self.resamplers).iter() {
+            if *g == gsi {
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!("resample eventfd of GSI {gsi}: {e}");
+                }
             }
         }
     }

@@ -2,17 +2,18 @@
 //! all inside KVM. The reference the other modes are measured against.
 
 use super::{HltAction, IrqchipBackend, VcpuCtx};
+use crate::sources::{IrqfdBinding, SourceAction};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::{ioctl_err, Result};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip, kvm_msi,
-    kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_msi, kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Number of IOAPIC pins of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
@@ -22,7 +23,12 @@ pub struct KernelIrqchip {
     vm: Arc<VmFd>,
     /// Set once the chip exists, so raising before setup is a no-op, not an error.
     ready: OnceLock<()>,
+    /// MSI routes added for MSI sources, at GSIs from [`FIRST_MSI_GSI`].
+    msi_routes: Mutex<Vec<kvm_irq_routing_entry>>,
 }
+
+/// First GSI given to an MSI source's route (above every IOAPIC pin).
+pub const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
 
 impl KernelIrqchip {
     /// A backend for `vm` (call [`IrqchipBackend::setup_vm`] before vCPUs).
@@ -30,6 +36,7 @@ impl KernelIrqchip {
         KernelIrqchip {
             vm,
             ready: OnceLock::new(),
+            msi_routes: Mutex::new(Vec::new()),
         }
     }
 }
@@ -74,6 +81,45 @@ pub fn kernel_gsi_routing() -> Vec<kvm_irq_routing_entry> {
     routes
 }
 
+impl KernelIrqchip {
+    /// Installs the PC table plus `msi` routes (a routing update replaces the whole table).
+    fn set_routing(&self, msi: &[kvm_irq_routing_entry]) -> Result<()> {
+        let mut entries = kernel_gsi_routing();
+        entries.extend_from_slice(msi);
+        let routing = KvmIrqRouting::from_entries(&entries).map_err(|_| {
+            crate::Error::Ioctl("KVM_SET_GSI_ROUTING", kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// A GSI whose only route is this MSI, for an irqfd.
+    fn add_msi_route(&self, address: u64, data: u32) -> Result<u32> {
+        let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
+        let gsi = FIRST_MSI_GSI + routes.len() as u32;
+        routes.push(kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            flags: 0,
+            pad: 0,
+            u: kvm_irq_routing_entry__bindgen_ty_1 {
+                msi: kvm_irq_routing_msi {
+                    address_lo: address as u32,
+                    address_hi: (address >> 32) as u32,
+                    data,
+                    ..Default::default()
+                },
+            },
+        });
+        if let Err(e) = self.set_routing(&routes) {
+            routes.pop();
+            return Err(e);
+        }
+        Ok(gsi)
+    }
+}
+
 impl IrqchipBackend for KernelIrqchip {
     fn name(&self) -> &'static str {
         "kernel"
@@ -91,12 +137,7 @@ impl IrqchipBackend for KernelIrqchip {
         self.vm
             .create_pit2(pit)
             .map_err(ioctl_err("KVM_CREATE_PIT2"))?;
-        let routing = KvmIrqRouting::from_entries(&kernel_gsi_routing()).map_err(|_| {
-            crate::Error::Ioctl("KVM_SET_GSI_ROUTING", kvm_ioctls::Error::new(libc::E2BIG))
-        })?;
-        self.vm
-            .set_gsi_routing(&routing)
-            .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))?;
+        self.set_routing(&[])?;
         let _ = self.ready.set(());
         Ok(())
     }
@@ -127,6 +168,29 @@ impl IrqchipBackend for KernelIrqchip {
         self.vm
             .set_irq_line(gsi, level)
             .map_err(ioctl_err("KVM_IRQ_LINE"))
+    }
+
+    fn bind_irqfd(&self, binding: &IrqfdBinding<'_>) -> Result<bool> {
+        match (binding.action, binding.resample) {
+            (SourceAction::Edge { gsi, .. }, _) => self
+                .vm
+                .register_irqfd(binding.trigger, gsi)
+                .map_err(ioctl_err("KVM_IRQFD")),
+            (SourceAction::Level { gsi, .. }, Some(resample)) => self
+                .vm
+                .register_irqfd_with_resample(binding.trigger, resample, gsi)
+                .map_err(ioctl_err("KVM_IRQFD(RESAMPLE)")),
+            (SourceAction::Level { .. }, None) => Err(crate::Error::Unsupported(
+                "a level source needs a resample eventfd",
+            )),
+            (SourceAction::Msi { address, data }, _) => {
+                let gsi = self.add_msi_route(address, data)?;
+                self.vm
+                    .register_irqfd(binding.trigger, gsi)
+                    .map_err(ioctl_err("KVM_IRQFD"))
+            }
+        }?;
+        Ok(true)
     }
 
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {

@@ -27,11 +27,15 @@ pub use split::SplitIrqchip;
 pub use userspace::UserspaceIrqchip;
 
 use crate::kick::VcpuKick;
+use crate::sources::IrqfdBinding;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::{ioctl_err, Result};
 use kvm_ioctls::VcpuFd;
+use std::sync::Arc;
+use virq::routing::SourceId;
 use virq::RaiseGp;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Which interrupt controller implementation the VM uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,6 +227,27 @@ pub trait IrqchipBackend: Send + Sync {
 
     /// Delivers one MSI write.
     fn send_msi(&self, address: u64, data: u32) -> Result<()>;
+
+    /// Sets `gsi`'s level as seen from line source `source` (device sources
+    /// sharing a line each have their own). Modes whose lines KVM owns
+    /// ignore the source: KVM's own irqfds keep their sources apart.
+    fn set_gsi_from(&self, gsi: u32, _source: SourceId, level: bool) -> Result<()> {
+        self.set_gsi(gsi, level)
+    }
+
+    /// Lets KVM serve an interrupt source itself (`KVM_IRQFD`); `Ok(false)`
+    /// when this mode serves it in userspace instead.
+    fn bind_irqfd(&self, _binding: &IrqfdBinding<'_>) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Makes `source` on `gsi` a resampled level source: the chipset lowers
+    /// it when the guest acknowledges the GSI and then writes `resample`.
+    fn watch_resample(&self, _gsi: u32, _source: SourceId, _resample: Arc<EventFd>) -> Result<()> {
+        Err(crate::Error::Unsupported(
+            "level sources with resample need an interrupt controller",
+        ))
+    }
 
     /// Wakes vCPU `vcpu` if it waits inside [`IrqchipBackend::on_hlt`].
     fn wake(&self, _vcpu: u32) {}

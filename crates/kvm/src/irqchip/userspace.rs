@@ -33,6 +33,7 @@ use virq::msi::MsiMessage;
 use virq::pit::LostTickPolicy;
 use virq::routing::SourceId;
 use virq::RaiseGp;
+use vmm_sys_util::eventfd::EventFd;
 
 /// IA32_TSC.
 const MSR_TSC: u32 = 0x10;
@@ -405,9 +406,17 @@ impl IrqchipBackend for UserspaceIrqchip {
     }
 
     fn set_gsi(&self, gsi: u32, level: bool) -> Result<()> {
-        self.host.with_chip(None, true, |c, now| {
-            c.set_gsi(gsi, SourceId::USER, level, now)
-        });
+        self.set_gsi_from(gsi, SourceId::USER, level)
+    }
+
+    fn set_gsi_from(&self, gsi: u32, source: SourceId, level: bool) -> Result<()> {
+        self.host
+            .with_chip(None, true, |c, now| c.set_gsi(gsi, source, level, now));
+        Ok(())
+    }
+
+    fn watch_resample(&self, gsi: u32, source: SourceId, resample: Arc<EventFd>) -> Result<()> {
+        self.host.watch_resample(gsi, source, resample);
         Ok(())
     }
 

@@ -12,11 +12,15 @@
 //! | 0xE4-0xE7      | pc-testdev flush page port      | [`testdev`]     |
 //! | 0x2000-0x2017  | pc-testdev IRQ lines (GSI 0-23) | [`testdev`]     |
 //! | 0x2400-0x240F  | virq MSI test device            | [`msi_testdev`] |
+//! | 0x2500-0x251F  | virq ring device (doorbell+MSI) | [`ring`]        |
+//! | 0x2520-0x252F  | virq pass-through line, GSI 19  | [`passthrough`] |
 //! | 0x510-0x511    | fw_cfg (selector, data)         | [`fw_cfg`]      |
 
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod msi_testdev;
+pub mod passthrough;
+pub mod ring;
 pub mod serial;
 pub mod testdev;
 

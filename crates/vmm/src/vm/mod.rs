@@ -9,6 +9,8 @@
 pub mod exits;
 pub mod lines;
 
+use crate::devices::passthrough::{self, PassthroughLine};
+use crate::devices::ring::{self, RingDevice};
 use crate::devices::{platform_devices, PlatformConfig};
 use crate::stats::{GuestChecks, GuestCounts, RaiseCounters, RunStats};
 use crate::{firmware, loader};
@@ -16,10 +18,11 @@ use exits::PlatformExits;
 use lines::BackendLines;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use virq::pit::LostTickPolicy;
 use virq_kvm::irqchip::{KernelIrqchip, SplitIrqchip, UserspaceIrqchip};
+use virq_kvm::sources::InterruptSources;
 use virq_kvm::{IrqchipBackend, IrqchipMode, Machine, StopCause, Vcpu, VcpuStop, Vm};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -206,8 +209,24 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
         cpus: cfg.cpus,
         ram_bytes,
     };
-    let bus = platform_devices(&platform, lines, serial_out)
+    let mut bus = platform_devices(&platform, lines, serial_out)
         .map_err(host("cannot build the platform devices"))?;
+    let sources = Arc::new(
+        InterruptSources::new(vm.fd().clone(), backend.clone())
+            .map_err(host("cannot start the interrupt sources"))?,
+    );
+    let ring = RingDevice::new(sources.clone(), memory.clone())
+        .map_err(host("cannot create the ring device"))?;
+    bus.insert(ring::BASE, ring::PORT_COUNT, Arc::new(Mutex::new(ring)))
+        .map_err(host("cannot place the ring device"))?;
+    let line =
+        PassthroughLine::new(&sources).map_err(host("cannot create the pass-through line"))?;
+    bus.insert(
+        passthrough::BASE,
+        passthrough::PORT_COUNT,
+        Arc::new(Mutex::new(line)),
+    )
+    .map_err(host("cannot place the pass-through line"))?;
     let console = bus.console();
     let exits = Arc::new(PlatformExits::new(bus));
 

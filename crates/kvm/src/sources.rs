@@ -1,0 +1,406 @@
+//! Interrupt sources and doorbells for device threads.
+//!
+//! A device emulated on its own thread needs a cheap, thread-safe way to
+//! raise interrupts and to be woken by the guest. This module gives it
+//! eventfd-backed handles that work the same in every irqchip mode:
+//!
+//! - [`EdgeSource`]: a write pulses a GSI (the irqfd idea);
+//! - [`MsiSource`]: a write sends one fixed MSI (a device's MSI/MSI-X vector);
+//! - [`LevelSource`]: a write asserts a level GSI; the guest's EOI lowers it
+//!   again and signals the resample eventfd, so the device re-asserts only
+//!   if it still needs service;
+//! - [`Doorbell`]: a guest write to a port or MMIO address signals an
+//!   eventfd inside KVM (`KVM_IOEVENTFD`), without a userspace exit.
+//!
+//! Where KVM can serve a source itself (kernel mode: `KVM_IRQFD`, with
+//! `KVM_IRQFD_FLAG_RESAMPLE` for level sources and an MSI routing entry for
+//! MSI sources), it does. Everywhere else one event-loop thread waits on
+//! every trigger eventfd and drives the backend; resampling then happens in
+//! our chipset's ack path ([`virq::chipset::Chipset::set_resample`]), before
+//! the IOAPIC could redeliver the line.
+
+use crate::irqchip::IrqchipBackend;
+use crate::{ioctl_err, Result};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use virq::routing::{SourceId, MAX_SOURCES};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What a trigger eventfd means when our event loop serves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceAction {
+    /// Pulse `gsi` as `source` (high, then low).
+    Edge {
+        /// The GSI.
+        gsi: u32,
+        /// The line source the pulse is attributed to.
+        source: SourceId,
+    },
+    /// Send this MSI.
+    Msi {
+        /// MSI address.
+        address: u64,
+        /// MSI data.
+        data: u32,
+    },
+    /// Assert `gsi` as `source`; the chipset lowers it on the guest's ack.
+    Level {
+        /// The GSI.
+        gsi: u32,
+        /// The line source that is asserted.
+        source: SourceId,
+    },
+}
+
+/// Errors specific to creating sources.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Every line source ID (2-63) is taken.
+    #[error("no line source ID left: at most {} sources can share lines", MAX_SOURCES - 2)]
+    NoSourceId,
+    /// An eventfd, epoll or thread call failed.
+    #[error("{0}: {1}")]
+    Host(&'static str, #[source] io::Error),
+    /// KVM refused a binding.
+    #[error(transparent)]
+    Kvm(#[from] crate::Error),
+}
+
+fn host(what: &'static str) -> impl FnOnce(io::Error) -> SourceError {
+    move |e| SourceError::Host(what, e)
+}
+
+/// An edge interrupt source: each [`EdgeSource::trigger`] (or a write to
+/// [`EdgeSource::fd`] from anywhere) pulses the GSI. Triggers that arrive
+/// before the previous one was served coalesce, as edges on a wire do.
+pub struct EdgeSource {
+    trigger: EventFd,
+}
+
+impl EdgeSource {
+    /// Raises the interrupt.
+    pub fn trigger(&self) -> io::Result<()> {
+        self.trigger.write(1)
+    }
+
+    /// The trigger eventfd (for a device that polls or writes it itself).
+    pub fn fd(&self) -> &EventFd {
+        &self.trigger
+    }
+}
+
+/// An MSI source: each trigger sends the MSI fixed at creation.
+pub struct MsiSource {
+    trigger: EventFd,
+}
+
+impl MsiSource {
+    /// Sends the MSI.
+    pub fn trigger(&self) -> io::Result<()> {
+        self.trigger.write(1)
+    }
+
+    /// The trigger eventfd.
+    pub fn fd(&self) -> &EventFd {
+        &self.trigger
+    }
+}
+
+/// A level source with resample: [`LevelSource::assert`] raises the line;
+/// the guest's acknowledgement (EOI) lowers it and signals
+/// [`LevelSource::resample_fd`]. A device that still needs service then
+/// asserts again.
+pub struct LevelSource {
+    trigger: EventFd,
+    resample: Arc<EventFd>,
+}
+
+impl LevelSource {
+    /// Asserts the line (no effect while it is already asserted).
+    pub fn assert(&self) -> io::Result<()> {
+        self.trigger.write(1)
+    }
+
+    /// The trigger eventfd.
+    pub fn fd(&self) -> &EventFd {
+        &self.trigger
+    }
+
+    /// Signalled each time the guest acknowledged the line (and it was lowered).
+    pub fn resample_fd(&self) -> &EventFd {
+        &self.resample
+    }
+
+    /// Blocks until the next acknowledgement; returns how many arrived.
+    pub fn wait_resample(&self) -> io::Result<u64> {
+        self.resample.read()
+    }
+}
+
+/// A guest write to a port or MMIO address that wakes a device thread.
+pub struct Doorbell {
+    fd: EventFd,
+}
+
+impl Doorbell {
+    /// Blocks until the guest rang at least once; returns how many rings
+    /// were counted since the last call.
+    pub fn wait(&self) -> io::Result<u64> {
+        self.fd.read()
+    }
+
+    /// The eventfd KVM signals.
+    pub fn fd(&self) -> &EventFd {
+        &self.fd
+    }
+}
+
+/// Where a doorbell sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoorbellAddress {
+    /// An I/O port.
+    Pio(u16),
+    /// A guest-physical MMIO address outside RAM.
+    Mmio(u64),
+}
+
+/// A binding a backend may take over in the kernel.
+pub struct IrqfdBinding<'a> {
+    /// What the trigger means.
+    pub action: SourceAction,
+    /// The trigger eventfd.
+    pub trigger: &'a EventFd,
+    /// The resample eventfd of a level source.
+    pub resample: Option<&'a EventFd>,
+}
+
+/// The sources of one VM, and the event loop serving those KVM does not.
+pub struct InterruptSources {
+    vm: Arc<VmFd>,
+    backend: Arc<dyn IrqchipBackend>,
+    state: Arc<Mutex<LoopState>>,
+    epoll: Arc<Epoll>,
+    stop: Arc<EventFd>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_source: Mutex<u8>,
+}
+
+/// The event loop's table: token `i` (as epoll data) is `actions[i]`.
+#[derive(Default)]
+struct LoopState {
+    actions: Vec<(SourceAction, EventFd)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Epoll data of the stop eventfd.
+const STOP_TOKEN: u64 = u64::MAX;
+
+impl InterruptSources {
+    /// Sources for the VM `vm` whose interrupts go through `backend`
+    /// (after its `setup_vm`).
+    pub fn new(
+        vm: Arc<VmFd>,
+        backend: Arc<dyn IrqchipBackend>,
+    ) -> std::result::Result<Self, SourceError> {
+        let epoll = Arc::new(Epoll::new().map_err(host("epoll_create"))?);
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?);
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(host("epoll_ctl"))?;
+        let state = Arc::new(Mutex::new(LoopState::default()));
+        let thread = {
+            let (epoll, stop, state, backend) =
+                (epoll.clone(), stop.clone(), state.clone(), backend.clone());
+            std::thread::Builder::new()
+                .name("virq-sources".into())
+                .spawn(move || event_loop(&epoll, &stop, &state, backend.as_ref()))
+                .map_err(host("cannot start the source thread"))?
+        };
+        Ok(InterruptSources {
+            vm,
+            backend,
+            state,
+            epoll,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            // 0 is the VMM's own writes, 1 the PIT.
+            next_source: Mutex::new(2),
+        })
+    }
+
+    fn new_source_id(&self) -> std::result::Result<SourceId, SourceError> {
+        let mut next = lock(&self.next_source);
+        let id = SourceId::new(*next).map_err(|_| SourceError::NoSourceId)?;
+        *next += 1;
+        Ok(id)
+    }
+
+    /// Hands `trigger` to the kernel if the backend can, or to our loop.
+    fn bind(
+        &self,
+        action: SourceAction,
+        trigger: &EventFd,
+        resample: Option<&EventFd>,
+    ) -> std::result::Result<(), SourceError> {
+        let binding = IrqfdBinding {
+            action,
+            trigger,
+            resample,
+        };
+        if self.backend.bind_irqfd(&binding)? {
+            return Ok(());
+        }
+        self.bind_to_loop(action, trigger)
+    }
+
+    /// An edge source on `gsi`.
+    pub fn edge(&self, gsi: u32) -> std::result::Result<EdgeSource, SourceError> {
+        let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let source = self.new_source_id()?;
+        self.bind(SourceAction::Edge { gsi, source }, &trigger, None)?;
+        Ok(EdgeSource { trigger })
+    }
+
+    /// An MSI source sending (`address`, `data`).
+    pub fn msi(&self, address: u64, data: u32) -> std::result::Result<MsiSource, SourceError> {
+        let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+        self.bind(SourceAction::Msi { address, data }, &trigger, None)?;
+        Ok(MsiSource { trigger })
+    }
+
+    /// A level source with resample on `gsi`. Route the GSI to a
+    /// level-triggered IOAPIC pin (or ELCR-level PIC line) for it to work.
+    pub fn level(&self, gsi: u32) -> std::result::Result<LevelSource, SourceError> {
+        let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+        // Blocking, so a device thread can wait on it.
+        let resample = Arc::new(EventFd::new(0).map_err(host("eventfd"))?);
+        let source = self.new_source_id()?;
+        let action = SourceAction::Level { gsi, source };
+        if !self.backend.bind_irqfd(&IrqfdBinding {
+            action,
+            trigger: &trigger,
+            resample: Some(&resample),
+        })? {
+            self.backend.watch_resample(gsi, source, resample.clone())?;
+            self.bind_to_loop(action, &trigger)?;
+        }
+        Ok(LevelSource { trigger, resample })
+    }
+
+    fn bind_to_loop(
+        &self,
+        action: SourceAction,
+        trigger: &EventFd,
+    ) -> std::result::Result<(), SourceError> {
+        let fd = trigger.try_clone().map_err(host("eventfd dup"))?;
+        let mut state = lock(&self.state);
+        let token = state.actions.len() as u64;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(host("epoll_ctl"))?;
+        state.actions.push((action, fd));
+        Ok(())
+    }
+
+    /// A doorbell at `address`, rung by a guest write of any value and
+    /// width (`datamatch` None) or only of that 32-bit value.
+    pub fn doorbell(
+        &self,
+        address: DoorbellAddress,
+        datamatch: Option<u32>,
+    ) -> std::result::Result<Doorbell, SourceError> {
+        // Blocking, so a device thread can wait on it.
+        let fd = EventFd::new(0).map_err(host("eventfd"))?;
+        let addr = match address {
+            DoorbellAddress::Pio(port) => IoEventAddress::Pio(u64::from(port)),
+            DoorbellAddress::Mmio(gpa) => IoEventAddress::Mmio(gpa),
+        };
+        match datamatch {
+            None => self.vm.register_ioevent(&fd, &addr, NoDatamatch),
+            Some(value) => self.vm.register_ioevent(&fd, &addr, value),
+        }
+        .map_err(ioctl_err("KVM_IOEVENTFD"))?;
+        Ok(Doorbell { fd })
+    }
+
+    /// Stops the event loop (also done on drop).
+    pub fn shutdown(&self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for InterruptSources {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Serves every trigger bound to the loop until the stop eventfd fires.
+fn event_loop(
+    epoll: &Epoll,
+    stop: &EventFd,
+    state: &Mutex<LoopState>,
+    backend: &dyn IrqchipBackend,
+) {
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("source loop stopped: epoll_wait: {e}");
+                return;
+            }
+        };
+        for event in events.iter().take(n) {
+            let token = event.data();
+            if token == STOP_TOKEN {
+                let _ = stop.read();
+                return;
+            }
+            let action = {
+                let state = lock(state);
+                let Some((action, fd)) = state.actions.get(token as usize) else {
+                    continue;
+                };
+                // Non-blocking: a spurious wake-up reads nothing.
+                if fd.read().is_err() {
+                    continue;
+                }
+                *action
+            };
+            if let Err(e) = serve(backend, action) {
+                tracing::warn!("interrupt source {action:?}: {e}");
+            }
+        }
+    }
+}
+
+fn serve(backend: &dyn IrqchipBackend, action: SourceAction) -> Result<()> {
+    match action {
+        SourceAction::Edge { gsi, source } => {
+            backend.set_gsi_from(gsi, source, true)?;
+            backend.set_gsi_from(gsi, source, false)
+        }
+        SourceAction::Msi { address, data } => backend.send_msi(address, data),
+        SourceAction::Level { gsi, source } => backend.set_gsi_from(gsi, source, true),
+    }
+}
