@@ -40,6 +40,9 @@ const V_LEVEL: u8 = 0x72;
 const V_DEASSERT: u8 = 0x73;
 const V_REMAP: u8 = 0x74;
 const V_REMAP_CONTROL: u8 = 0x75;
+/// Four consecutive vectors for fixed messages with the redirection hint.
+const V_HINT: u8 = 0x78;
+const V_OUTSIDE: u8 = 0x7C;
 /// Wakes the AP to run a command.
 const V_WAKE: u8 = 0x7F;
 
@@ -172,13 +175,15 @@ fn main(boot: &'static Boot) -> ! {
     level_trigger(&ctx);
     illegal_vector(&ctx);
     remappable(&ctx);
+    redirection_hint(&ctx);
+    outside_window(&ctx);
     report::finish()
 }
 
 entry!(main);
 
 /// Every check, in order (all skipped without the test device).
-const CHECKS: [&str; 14] = [
+const CHECKS: [&str; 16] = [
     "physical-bsp",
     "physical-ap",
     "physical-broadcast",
@@ -193,6 +198,8 @@ const CHECKS: [&str; 14] = [
     "level-deassert-delivered",
     "illegal-vector",
     "remappable-rejected",
+    "redirection-hint-one-of-set",
+    "non-interrupt-address",
 ];
 
 fn start_ap(boot: &Boot) -> (Option<u8>, &'static str) {
@@ -487,4 +494,43 @@ fn remappable(ctx: &Ctx) {
         &[0, 0, 1, 0],
         &[rejected[0], rejected[1], control[0], control[1]],
     );
+}
+
+/// A fixed message with the redirection hint (address bit 3) to the logical
+/// set of both CPUs is delivered as lowest priority, to one of them (KVM
+/// and virq's decoder treat the hint so); without the hint the same
+/// message reaches both (logical-flat-both).
+fn redirection_hint(ctx: &Ctx) {
+    const NAME: &str = "redirection-hint-one-of-set";
+    if lapic::is_x2apic() {
+        report::skip(NAME, XAPIC_ONLY);
+        return;
+    }
+    if ctx.ap_or_report(&[NAME]).is_none() {
+        return;
+    }
+    let mut per_message = [0u64; 4];
+    for (i, total) in per_message.iter_mut().enumerate() {
+        let v = V_HINT + i as u8;
+        let got = deliver(
+            Address::logical(LOGICAL_AP | LOGICAL_BSP).redirection_hint(),
+            Data::fixed(v),
+            v,
+            1,
+        );
+        *total = got[0] + got[1];
+    }
+    report::check_list(NAME, &[1, 1, 1, 1], &per_message);
+}
+
+/// A message whose address is outside 0xFEEx_xxxx (here 0xFEFx_xxxx, the
+/// BSP's ID in bits 19:12) is no interrupt: nothing is delivered.
+fn outside_window(ctx: &Ctx) {
+    let got = deliver(
+        Address(Address::physical(ctx.bsp).0 | 1 << 20),
+        Data::fixed(V_OUTSIDE),
+        V_OUTSIDE,
+        0,
+    );
+    report::check_list("non-interrupt-address", &[0, 0], &got);
 }
