@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod ioapic;
 pub mod lapic;
 pub mod mem;
+pub mod msi;
 pub mod multiboot;
 pub mod pic;
 pub mod pit;

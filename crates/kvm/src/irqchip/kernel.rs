@@ -14,6 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex, OnceLock};
+use virq::msi::MsiMessage;
 
 /// Number of IOAPIC pins of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
@@ -96,6 +97,13 @@ impl KernelIrqchip {
 
     /// A GSI whose only route is this MSI, for an irqfd.
     fn add_msi_route(&self, address: u64, data: u32) -> Result<u32> {
+        // KVM would deliver whatever the route says; the other modes drop
+        // what our decoder rejects, so refuse such a source here.
+        if (MsiMessage { address, data }).decode().is_err() {
+            return Err(crate::Error::Unsupported(
+                "an MSI source with an address the MSI decoder rejects",
+            ));
+        }
         let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
         let gsi = FIRST_MSI_GSI + routes.len() as u32;
         routes.push(kvm_irq_routing_entry {
@@ -194,11 +202,8 @@ impl IrqchipBackend for KernelIrqchip {
     }
 
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {
-        let msi = kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
+        let Some(msi) = signalled_msi(address, data) else {
+            return Ok(());
         };
         // 0 means the interrupt was blocked (e.g. masked LAPIC), which is
         // the guest's business, not an error.
@@ -207,6 +212,23 @@ impl IrqchipBackend for KernelIrqchip {
             .map(|_| ())
             .map_err(ioctl_err("KVM_SIGNAL_MSI"))
     }
+}
+
+/// The `KVM_SIGNAL_MSI` argument for a device's MSI write, or `None` if
+/// virq's decoder rejects the message: KVM signals any address it is given,
+/// a remappable-format one (bit 4, an IOMMU handle, and there is no IOMMU)
+/// or one outside 0xFEEx_xxxx included, which the other modes drop.
+fn signalled_msi(address: u64, data: u32) -> Option<kvm_msi> {
+    if let Err(e) = (MsiMessage { address, data }).decode() {
+        tracing::debug!("MSI dropped: {e}");
+        return None;
+    }
+    Some(kvm_msi {
+        address_lo: address as u32,
+        address_hi: (address >> 32) as u32,
+        data,
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
@@ -220,6 +242,22 @@ mod tests {
             // SAFETY: every entry built by kernel_gsi_routing is an irqchip route.
             .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
             .collect()
+    }
+
+    #[test]
+    fn remappable_or_non_interrupt_msi_is_not_signalled() {
+        assert!(signalled_msi(0xFEE0_0010, 0x40).is_none());
+        assert!(signalled_msi(0xFED0_0000, 0x40).is_none());
+        assert!(signalled_msi(0x1_FEE0_0000, 0x40).is_none());
+    }
+
+    #[test]
+    fn interrupt_msi_is_signalled_unchanged() {
+        let m = signalled_msi(0xFEE0_100C, 0xC041).expect("an interrupt MSI");
+        assert_eq!(
+            (m.address_lo, m.address_hi, m.data),
+            (0xFEE0_100C, 0, 0xC041)
+        );
     }
 
     #[test]
