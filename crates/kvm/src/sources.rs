@@ -26,6 +26,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use virq::msi::MsiMessage;
 use virq::routing::{SourceId, MAX_SOURCES};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -62,6 +63,9 @@ pub enum SourceError {
     /// Every line source ID (2-63) is taken.
     #[error("no line source ID left: at most {} sources can share lines", MAX_SOURCES - 2)]
     NoSourceId,
+    /// The MSI could never be delivered.
+    #[error("bad MSI: {0}")]
+    BadMsi(#[source] virq::msi::MsiError),
     /// An eventfd, epoll or thread call failed.
     #[error("{0}: {1}")]
     Host(&'static str, #[source] io::Error),
@@ -272,8 +276,12 @@ impl InterruptSources {
         Ok(EdgeSource { trigger })
     }
 
-    /// An MSI source sending (`address`, `data`).
+    /// An MSI source sending (`address`, `data`); refused if the MSI
+    /// decoder rejects the message (it could never be delivered).
     pub fn msi(&self, address: u64, data: u32) -> std::result::Result<MsiSource, SourceError> {
+        (MsiMessage { address, data })
+            .decode()
+            .map_err(SourceError::BadMsi)?;
         let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
         self.bind(SourceAction::Msi { address, data }, &trigger, None)?;
         Ok(MsiSource { trigger })

@@ -50,20 +50,8 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("VIRQ_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("/dev/kvm not available but VIRQ_REQUIRE_KVM=1");
-        }
-        eprintln!("SKIPPED: /dev/kvm not available");
-    }
-    ok
-}
+mod common;
+use common::kvm_or_skip;
 
 /// Whether QEMU runs the reference configurations: missing QEMU fails when
 /// VIRQ_REQUIRE_QEMU=1 (CI), and is a loud skip otherwise.

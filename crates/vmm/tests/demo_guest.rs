@@ -7,20 +7,8 @@ use std::process::Command;
 const VIRQ: &str = env!("CARGO_BIN_EXE_virq");
 const DEMO: &str = concat!(env!("OUT_DIR"), "/demo-guest.elf");
 
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("VIRQ_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("/dev/kvm not available but VIRQ_REQUIRE_KVM=1");
-        }
-        eprintln!("SKIPPED: /dev/kvm not available");
-    }
-    ok
-}
+mod common;
+use common::kvm_or_skip;
 
 /// The guest's `VIRQ-COUNTS key=value ...` line as pairs.
 fn counts(out: &str) -> Vec<(String, u64)> {

@@ -17,20 +17,8 @@ const TIMEOUT_SECS: u64 = 3;
 /// Generous: the timeout must fire at 3 s, but the machine is shared.
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("VIRQ_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("/dev/kvm not available but VIRQ_REQUIRE_KVM=1");
-        }
-        eprintln!("SKIPPED: /dev/kvm not available");
-    }
-    ok
-}
+mod common;
+use common::kvm_or_skip;
 
 struct Run {
     status: Option<i32>,

@@ -6,23 +6,8 @@ use std::process::{Command, Output};
 
 const VIRQ: &str = env!("CARGO_BIN_EXE_virq");
 
-/// True if /dev/kvm is usable. Without it: fail when VIRQ_REQUIRE_KVM=1
-/// (CI), otherwise print a loud skip notice.
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if ok {
-        return true;
-    }
-    if std::env::var("VIRQ_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("/dev/kvm not available but VIRQ_REQUIRE_KVM=1");
-    }
-    eprintln!("SKIPPED: /dev/kvm not available");
-    false
-}
+mod common;
+use common::kvm_or_skip;
 
 /// Where the guest image is loaded.
 const LOAD_ADDR: u32 = 0x10_0000;

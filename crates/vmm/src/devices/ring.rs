@@ -299,3 +299,79 @@ fn serve(armed: &mut Armed, memory: &GuestMemoryMmap) -> u32 {
     }
     new
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("memory")
+    }
+
+    fn armed(entries: u32) -> Armed {
+        Armed {
+            ring: Ring {
+                base: 0x1000,
+                entries,
+            },
+            msi: 0,
+            consumed: 0,
+        }
+    }
+
+    fn load(m: &GuestMemoryMmap, addr: GuestAddress) -> u32 {
+        m.load::<u32>(addr, Ordering::Acquire).expect("in RAM")
+    }
+
+    #[test]
+    fn answers_each_new_request_and_publishes_done_prod() {
+        let m = memory();
+        let mut a = armed(4);
+        for i in 0..3u32 {
+            m.store(100 + i, a.ring.request(i), Ordering::Relaxed)
+                .expect("in RAM");
+        }
+        m.store(3u32, GuestAddress(0x1000), Ordering::Release)
+            .expect("in RAM");
+        assert_eq!(serve(&mut a, &m), 3);
+        for i in 0..3u32 {
+            assert_eq!(load(&m, a.ring.completion(i)), !(100 + i));
+        }
+        assert_eq!(load(&m, GuestAddress(0x1004)), 3);
+        assert_eq!(serve(&mut a, &m), 0, "nothing new");
+    }
+
+    #[test]
+    fn indexes_wrap_around_the_ring_and_u32() {
+        let m = memory();
+        let mut a = armed(4);
+        a.consumed = u32::MAX - 1;
+        m.store(1u32, GuestAddress(0x1000), Ordering::Release)
+            .expect("in RAM");
+        assert_eq!(serve(&mut a, &m), 3);
+        assert_eq!(a.consumed, 1);
+        assert_eq!(load(&m, GuestAddress(0x1004)), 1);
+    }
+
+    #[test]
+    fn a_producer_far_ahead_costs_at_most_one_ring_per_doorbell() {
+        let m = memory();
+        let mut a = armed(8);
+        m.store(u32::MAX / 2, GuestAddress(0x1000), Ordering::Release)
+            .expect("in RAM");
+        assert_eq!(serve(&mut a, &m), 8);
+        assert_eq!(a.consumed, 8);
+    }
+
+    #[test]
+    fn ring_layout_puts_completions_after_requests() {
+        let r = Ring {
+            base: 0x2000,
+            entries: 16,
+        };
+        assert_eq!(r.request(0), GuestAddress(0x2000 + 64));
+        assert_eq!(r.request(17), GuestAddress(0x2000 + 64 + 4));
+        assert_eq!(r.completion(0), GuestAddress(0x2000 + 64 + 64));
+        assert_eq!(r.end(), 0x2000 + 64 + 128);
+    }
+}
