@@ -33,8 +33,10 @@
 //!   expires (N clocks after the load); periodic modes (2, 3) every N clocks,
 //!   but never more often than the minimum period (default 200 us).
 //! - Lost ticks: under [`LostTickPolicy::Reinject`] the backlog is capped at
-//!   one second's worth of ticks (at least 1), so a host stall of minutes
-//!   replays at most one second of ticks, one per guest ack.
+//!   two seconds' worth of ticks (at least 1), so a host stall of minutes
+//!   replays at most two seconds of ticks, one per guest ack, each at
+//!   least a minimum period after the last ack. Two seconds, not one, so
+//!   a stall of about a second (a VMM stopped and continued) loses nothing.
 
 mod channel;
 mod state;
@@ -55,7 +57,7 @@ pub const DEFAULT_MIN_PERIOD_NS: u64 = 200_000;
 
 /// Window of missed ticks kept under reinject: at most this much time's
 /// worth of ticks is owed to the guest.
-pub const BACKLOG_WINDOW_NS: u64 = 1_000_000_000;
+pub const BACKLOG_WINDOW_NS: u64 = 2_000_000_000;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
 const FREQ: u128 = PIT_FREQUENCY_HZ as u128;
@@ -170,7 +172,7 @@ impl Schedule {
         }
     }
 
-    /// Most ticks owed at once: one second's worth, at least one.
+    /// Most ticks owed at once: [`BACKLOG_WINDOW_NS`] worth, at least one.
     fn backlog_cap(self) -> u32 {
         match self {
             Self::OneShot(_) => 1,
@@ -429,7 +431,8 @@ impl Pit {
                     let owed = u64::from(self.irq0.backlog).saturating_add(new).min(cap);
                     self.irq0.backlog = u32::try_from(owed).unwrap_or(u32::MAX);
                 }
-                if self.irq0.in_flight || self.irq0.backlog == 0 {
+                let owed_not_yet_due = new == 0 && now_ns < self.irq0.backlog_due_ns;
+                if self.irq0.in_flight || self.irq0.backlog == 0 || owed_not_yet_due {
                     return false;
                 }
                 self.irq0.backlog -= 1;
@@ -439,11 +442,18 @@ impl Pit {
         }
     }
 
-    /// The guest acknowledged the last IRQ0 (PIC EOI/auto-EOI or IOAPIC EOI of the PIT pin): under Reinject the next backlog tick becomes due.
+    /// The guest acknowledged the last IRQ0 (PIC EOI/auto-EOI or IOAPIC EOI
+    /// of the PIT pin): under Reinject the next owed tick becomes due one
+    /// minimum period later (or with the next regular expiry, if sooner).
+    ///
+    /// The gap bounds the catch-up rate after a host stall, and keeps the
+    /// owed tick out of the acknowledgement itself: a LAPIC that reports the
+    /// EOI when it injects (KVM's, on some hosts) would otherwise get the
+    /// next tick while the guest's handler still runs with interrupts off.
     pub fn irq0_acked(&mut self, now_ns: u64) {
         if self.policy == LostTickPolicy::Reinject && self.irq0.in_flight {
             self.irq0.in_flight = false;
-            self.irq0.backlog_due_ns = now_ns;
+            self.irq0.backlog_due_ns = now_ns.saturating_add(self.min_period_ns);
         }
     }
 

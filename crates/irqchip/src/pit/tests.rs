@@ -534,40 +534,64 @@ fn reinject_injects_next_tick_only_after_ack() {
     assert_eq!(pit.backlog(), 2);
     let ack = at_tick(11932 * 3) + 10;
     pit.irq0_acked(ack);
-    assert_eq!(pit.next_deadline(), Some(ack));
-    assert!(pit.advance(ack));
+    let due = ack + DEFAULT_MIN_PERIOD_NS;
+    assert_eq!(
+        pit.next_deadline(),
+        Some(due),
+        "one minimum period after the ack"
+    );
+    assert!(!pit.advance(due - 1));
+    assert!(pit.advance(due));
     assert_eq!(pit.backlog(), 1);
-    assert!(!pit.advance(ack + 1), "one outstanding at most");
+    assert!(!pit.advance(due + 1), "one outstanding at most");
 }
 
-#[test]
-fn reinject_after_long_stall_delivers_every_tick_one_per_ack_up_to_cap() {
-    let mut pit = Pit::new();
-    program(&mut pit, 0, 2, 1193, 0); // 999.8 us period
-                                      // Short stall: every missed tick is delivered, one per ack.
-    let t = at_tick(1193 * 50);
-    let mut delivered = 0;
-    let mut now = t;
-    while pit.advance(now) {
-        delivered += 1;
-        now += 1;
-        pit.irq0_acked(now);
-    }
-    assert_eq!(delivered, 50);
-    assert_eq!(pit.backlog(), 0);
+/// Expirations of a `reload`-clock periodic counter 0 started at 0, by `now`.
+fn expired_by(reload: u64, now: u64) -> u64 {
+    (u128::from(now) * u128::from(PIT_FREQUENCY_HZ) / (u128::from(reload) * 1_000_000_000)) as u64
+}
 
-    // Ten minutes stalled: one second's worth (1000 ticks at ~1 ms), not 600000.
-    let cap = 1_000_000_000 * PIT_FREQUENCY_HZ / (1193 * 1_000_000_000);
-    assert_eq!(cap, 1000);
-    let mut now = 600_000_000_000;
+/// Acks each tick at once and follows next_deadline until nothing is owed;
+/// returns (ticks delivered, when the backlog drained).
+fn drain(pit: &mut Pit, start: u64) -> (u64, u64) {
+    let mut now = start;
     let mut delivered = 0;
     while pit.advance(now) {
         delivered += 1;
         assert!(!pit.advance(now), "never two without an ack");
         now += 1;
         pit.irq0_acked(now);
+        if pit.backlog() == 0 {
+            break;
+        }
+        now = pit.next_deadline().expect("owed tick scheduled");
     }
-    assert_eq!(delivered, 1000);
+    (delivered, now)
+}
+
+#[test]
+fn reinject_after_long_stall_delivers_every_tick_one_per_ack_up_to_cap() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 1193, 0); // 999.8 us period
+                                      // Short stall: every tick expired by the end of the catch-up is delivered.
+    let (delivered, end) = drain(&mut pit, at_tick(1193 * 50));
+    assert_eq!(delivered, expired_by(1193, end));
+    assert_eq!(pit.backlog(), 0);
+    // Owed ticks come at most one per minimum period after each ack.
+    assert!(end - at_tick(1193 * 50) >= 49 * DEFAULT_MIN_PERIOD_NS);
+
+    // Ten minutes stalled: two seconds' worth (2000 ticks at ~1 ms) is owed,
+    // not 600000, plus the ticks that expire while it is replayed.
+    let cap = 2_000_000_000 * PIT_FREQUENCY_HZ / (1193 * 1_000_000_000);
+    assert_eq!(cap, 2000);
+    let start = 600_000_000_000;
+    let before = expired_by(1193, start);
+    let (delivered, end) = drain(&mut pit, start);
+    assert_eq!(delivered, cap + expired_by(1193, end) - before);
+    assert!(
+        end - start < 800_000_000,
+        "the catch-up takes well under a second"
+    );
     assert_eq!(pit.backlog(), 0);
 }
 
@@ -657,8 +681,8 @@ fn backlog_cap_follows_clamped_period() {
     let mut pit = Pit::new();
     program(&mut pit, 0, 2, 2, 0);
     assert!(pit.advance(3_600_000_000_000));
-    // 1 s / 200 us = 5000 ticks owed, one delivered.
-    assert_eq!(pit.backlog(), 4999);
+    // 2 s / 200 us = 10000 ticks owed, one delivered.
+    assert_eq!(pit.backlog(), 9999);
 }
 
 // --- Regression tests ---
