@@ -80,8 +80,12 @@ pub struct RunArgs {
     pub irqchip: Mode,
     /// What the PIT does with missed ticks (split and userspace modes; KVM's
     /// own PIT in kernel mode always reinjects).
-    #[arg(long, value_enum, default_value_t = LostTicks::Reinject)]
-    pub lost_ticks: LostTicks,
+    #[arg(long, alias = "lost-ticks", value_enum, default_value_t = LostTicks::Reinject)]
+    pub pit_lost_ticks: LostTicks,
+    /// What a LAPIC's periodic timer does with missed periods (userspace
+    /// mode; KVM's LAPIC in the other modes always discards).
+    #[arg(long, value_enum, default_value_t = LostTicks::Discard)]
+    pub lapic_lost_ticks: LostTicks,
     /// Number of vCPUs (1-255).
     #[arg(long, default_value_t = 1, value_parser = parse_cpus)]
     pub cpus: u32,

@@ -67,7 +67,8 @@ fn run(args: RunArgs) -> i32 {
         timeout: args.timeout,
         cmdline: args.cmdline.join(" "),
         serial: SerialOut::from_arg(&args.serial),
-        lost_ticks: args.lost_ticks.into(),
+        pit_lost_ticks: args.pit_lost_ticks.into(),
+        lapic_lost_ticks: args.lapic_lost_ticks.into(),
     };
     match vm::run_image(&cfg, &image) {
         Ok(r) => {
@@ -104,7 +105,8 @@ fn demo(args: DemoArgs) -> i32 {
             } else {
                 SerialOut::Discard
             },
-            lost_ticks: LostTickPolicy::Reinject,
+            pit_lost_ticks: LostTickPolicy::Reinject,
+            lapic_lost_ticks: LostTickPolicy::Discard,
         };
         match vm::run_image(&cfg, image) {
             Ok(r) => {

@@ -288,6 +288,13 @@ impl Chipset {
         self.routing = table;
     }
 
+    /// What every modelled LAPIC's periodic timer does with missed periods.
+    pub fn set_lapic_timer_policy(&mut self, policy: LostTickPolicy) {
+        for lapic in &mut self.lapics {
+            lapic.set_timer_policy(policy);
+        }
+    }
+
     /// Makes `source`'s level on `gsi` a resampled one (`on`), or an
     /// ordinary one again. When the guest acknowledges the GSI (IOAPIC EOI
     /// of a pin it is routed to, or a PIC EOI), the chipset lowers that

@@ -37,6 +37,8 @@ mod timer;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pit::{LostTickPolicy, BACKLOG_WINDOW_NS};
+
 use crate::delivery::{
     ApicAddressing, DeliveryMode, DestinationFormat, DfrModel, InterruptMessage, TriggerMode,
 };
@@ -54,6 +56,10 @@ pub const MSR_X2APIC_FIRST: u32 = 0x800;
 pub const MSR_X2APIC_LAST: u32 = 0x8FF;
 /// Shortest reload interval of a periodic timer (200 µs, KVM's default).
 pub const MIN_PERIODIC_NS: u64 = 200_000;
+
+/// Most periodic expirations owed under reinject: [`BACKLOG_WINDOW_NS`]
+/// worth at the fastest period, so a long host stall replays at most that.
+pub const MAX_TIMER_BACKLOG: u64 = BACKLOG_WINDOW_NS / MIN_PERIODIC_NS;
 
 /// Version register value without the EOI-broadcast-suppression bit:
 /// integrated APIC version 0x14, max LVT entry 5.
@@ -185,6 +191,17 @@ pub struct LapicState {
     pub startup: Option<StartupEvent>,
     /// Last seen level of the LINT0 and LINT1 pins.
     pub lint_level: [bool; 2],
+    /// What the periodic timer does with expirations the guest has not
+    /// taken yet (default: discard, as KVM's LAPIC does).
+    #[serde(default = "discard")]
+    pub timer_policy: LostTickPolicy,
+    /// Periodic expirations owed to the guest under reinject.
+    #[serde(default)]
+    pub timer_backlog: u32,
+}
+
+fn discard() -> LostTickPolicy {
+    LostTickPolicy::Discard
 }
 
 /// One local APIC.
@@ -228,6 +245,8 @@ impl Lapic {
                 wait_for_sipi: false,
                 startup: None,
                 lint_level: [false; 2],
+                timer_policy: LostTickPolicy::Discard,
+                timer_backlog: 0,
             },
         };
         lapic.init_reset();
@@ -425,6 +444,7 @@ impl Lapic {
         let vector = isr.highest()?;
         isr.clear(vector);
         self.s.isr = isr.0;
+        self.timer_tick_acked(vector);
         let level = VectorSet(self.s.tmr).test(vector);
         Some(EoiEvent {
             vector,
@@ -775,6 +795,7 @@ impl Lapic {
         s.tmict = 0;
         s.tdcr = 0;
         s.timer_next_ns = None;
+        s.timer_backlog = 0;
         s.tsc_deadline = 0;
         s.timer_restart_pending = false;
         s.nmi_pending = false;
@@ -920,6 +941,11 @@ fn validate(s: &LapicState) -> Result<(), LapicError> {
     }
     if s.tdcr & !Tdcr::MASK != 0 {
         return Err(LapicError::InvalidState("TDCR has reserved bits"));
+    }
+    if u64::from(s.timer_backlog) > MAX_TIMER_BACKLOG {
+        return Err(LapicError::InvalidState(
+            "timer backlog above the backlog window at the fastest period",
+        ));
     }
     if (s.esr | s.esr_pending) & !regs::ESR_DEFINED != 0 {
         return Err(LapicError::InvalidState("ESR has reserved bits"));

@@ -1209,6 +1209,67 @@ fn periodic_timer_after_a_long_pause_fires_once_and_rephases() {
     assert_eq!(rd_at(&mut l, TMCCT, hours), 750_000);
 }
 
+#[test]
+fn reinject_replays_missed_periods_one_per_eoi_capped_at_two_seconds() {
+    let mut l = timer(PERIODIC);
+    l.set_timer_policy(LostTickPolicy::Reinject);
+    wr_at(&mut l, TMICT, 1_000_000, 0); // 1 ms
+                                        // A 5.5 s stall: 5500 periods expired, at most 2000 (two seconds) are owed.
+    let late = 5_500_000_000;
+    l.advance(late);
+    assert!(timer_fired(&mut l), "the due tick");
+    let mut replayed = 0;
+    while timer_fired(&mut l) {
+        replayed += 1;
+    }
+    assert_eq!(
+        replayed, 2000,
+        "one owed tick after each EOI, two seconds' worth"
+    );
+    assert_eq!(l.timer_backlog(), 0);
+    l.advance(late);
+    assert!(!timer_fired(&mut l), "nothing more until the next period");
+}
+
+#[test]
+fn reinject_owes_a_tick_that_expires_while_the_last_is_in_service() {
+    let mut l = timer(PERIODIC);
+    l.set_timer_policy(LostTickPolicy::Reinject);
+    wr_at(&mut l, TMICT, 300_000, 0);
+    l.advance(300_000);
+    assert_eq!(l.highest_deliverable(), Some(0x40));
+    l.acknowledge(); // in service, no EOI yet
+    l.advance(600_000);
+    assert_eq!(l.timer_backlog(), 1, "owed, not coalesced");
+    wr(&mut l, EOI, 0);
+    assert!(timer_fired(&mut l), "delivered at the EOI");
+    assert_eq!(l.timer_backlog(), 0);
+}
+
+#[test]
+fn discard_and_reprogramming_drop_missed_periods() {
+    let mut l = timer(PERIODIC);
+    wr_at(&mut l, TMICT, 1_000_000, 0);
+    l.advance(50_000_000);
+    assert!(timer_fired(&mut l));
+    assert!(!timer_fired(&mut l), "discard (the default) owes nothing");
+    l.set_timer_policy(LostTickPolicy::Reinject);
+    l.advance(100_000_000);
+    assert!(l.timer_backlog() > 0);
+    wr_at(&mut l, TMICT, 1_000_000, 100_000_000);
+    assert_eq!(l.timer_backlog(), 0, "a new count owes nothing");
+}
+
+#[test]
+fn a_masked_timer_owes_nothing() {
+    let mut l = timer(PERIODIC);
+    l.set_timer_policy(LostTickPolicy::Reinject);
+    wr_at(&mut l, TMICT, 1_000_000, 0);
+    wr(&mut l, LVT_TIMER, PERIODIC | 0x40 | MASKED);
+    l.advance(50_000_000);
+    assert_eq!(l.timer_backlog(), 0);
+}
+
 // ----- LVT entries and ESR ---------------------------------------------------------------------
 
 #[test]

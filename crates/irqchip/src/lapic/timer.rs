@@ -4,8 +4,9 @@
 //! one nanosecond. `timer_next_ns` is the single source of truth for when the
 //! timer fires next; the current count is derived from it.
 
-use super::regs::{LvtKind, Tdcr, TimerMode};
+use super::regs::{LvtKind, Tdcr, TimerMode, VectorSet};
 use super::{Lapic, Lvt, MIN_PERIODIC_NS};
+use crate::pit::{LostTickPolicy, BACKLOG_WINDOW_NS};
 
 const NS_PER_SEC: u128 = 1_000_000_000;
 
@@ -42,6 +43,9 @@ impl Lapic {
                     .and_then(|n| n.checked_mul(interval))
                     .and_then(|d| due.checked_add(d));
                 self.s.timer_next_ns = next;
+                if self.s.timer_policy == LostTickPolicy::Reinject && self.owe_ticks(missed) {
+                    return;
+                }
             }
             TimerMode::TscDeadline => {
                 self.s.timer_next_ns = None;
@@ -50,6 +54,50 @@ impl Lapic {
             TimerMode::OneShot | TimerMode::Reserved => self.s.timer_next_ns = None,
         }
         self.local_deliver(LvtKind::Timer);
+    }
+
+    /// Reinject: `missed` expirations, and this one too if the last tick is
+    /// still pending or in service, join the backlog (capped at
+    /// [`BACKLOG_WINDOW_NS`] worth). Returns true if this expiry must not be delivered now.
+    fn owe_ticks(&mut self, missed: u64) -> bool {
+        let lvt = Lvt(self.s.lvt[LvtKind::Timer.index()]);
+        if lvt.masked() {
+            // A masked timer's ticks are nobody's: nothing is owed.
+            self.s.timer_backlog = 0;
+            return false;
+        }
+        let outstanding =
+            VectorSet(self.s.irr).test(lvt.vector()) || VectorSet(self.s.isr).test(lvt.vector());
+        let cap = (BACKLOG_WINDOW_NS / self.reload_interval()).max(1);
+        let owed = u64::from(self.s.timer_backlog) + missed + u64::from(outstanding);
+        self.s.timer_backlog = u32::try_from(owed.min(cap)).unwrap_or(u32::MAX);
+        outstanding
+    }
+
+    /// The guest ended `vector`'s service: under reinject, the next owed
+    /// periodic tick is delivered now, one per EOI.
+    pub(super) fn timer_tick_acked(&mut self, vector: u8) {
+        if self.s.timer_backlog == 0 || self.s.timer_policy != LostTickPolicy::Reinject {
+            return;
+        }
+        let lvt = Lvt(self.s.lvt[LvtKind::Timer.index()]);
+        if lvt.vector() != vector || self.timer_mode() != TimerMode::Periodic {
+            return;
+        }
+        self.s.timer_backlog -= 1;
+        self.local_deliver(LvtKind::Timer);
+    }
+
+    /// What the periodic timer does with missed expirations; a change drops
+    /// the backlog.
+    pub fn set_timer_policy(&mut self, policy: LostTickPolicy) {
+        self.s.timer_policy = policy;
+        self.s.timer_backlog = 0;
+    }
+
+    /// Periodic expirations owed under reinject.
+    pub fn timer_backlog(&self) -> u32 {
+        self.s.timer_backlog
     }
 
     pub(super) fn timer_mode(&self) -> TimerMode {
@@ -106,6 +154,8 @@ impl Lapic {
             return;
         }
         self.s.tmict = value;
+        // Reprogramming starts a new count: nothing is owed any more.
+        self.s.timer_backlog = 0;
         self.arm_from_tmict(now_ns);
     }
 
@@ -124,6 +174,9 @@ impl Lapic {
     /// Switching to or from TSC-deadline mode cancels the timer (and clears
     /// TMICT); one-shot <-> periodic keeps the running count.
     pub(super) fn timer_mode_changed(&mut self, old: TimerMode, new: TimerMode) {
+        if old != new {
+            self.s.timer_backlog = 0;
+        }
         if (old == TimerMode::TscDeadline) != (new == TimerMode::TscDeadline) {
             self.s.tmict = 0;
             self.s.timer_next_ns = None;

@@ -63,6 +63,7 @@ pub struct UserspaceIrqchip {
     vm: Arc<VmFd>,
     host: ChipHost,
     policy: LostTickPolicy,
+    lapic_timer_policy: LostTickPolicy,
     vcpus: Vec<Mutex<VcpuSide>>,
     /// The CR8 value we last gave KVM, per vCPU: a different value at the
     /// next exit means the guest wrote CR8.
@@ -76,11 +77,19 @@ impl UserspaceIrqchip {
             vm,
             host: ChipHost::new(vcpus, None),
             policy,
+            lapic_timer_policy: LostTickPolicy::Discard,
             vcpus: (0..vcpus)
                 .map(|_| Mutex::new(VcpuSide::default()))
                 .collect(),
             last_cr8: (0..vcpus).map(|_| AtomicU8::new(0)).collect(),
         }
+    }
+
+    /// What the LAPICs' periodic timers do with missed periods (default
+    /// discard, as KVM's LAPIC does).
+    pub fn with_lapic_timer_policy(mut self, policy: LostTickPolicy) -> Self {
+        self.lapic_timer_policy = policy;
+        self
     }
 
     fn side(&self, index: usize) -> std::sync::MutexGuard<'_, VcpuSide> {
@@ -273,6 +282,7 @@ impl IrqchipBackend for UserspaceIrqchip {
                 tsc_offset: guest_tsc.saturating_sub(u64::try_from(elapsed).unwrap_or(0)),
             };
             let mut chip = Chipset::new(config)?;
+            chip.set_lapic_timer_policy(self.lapic_timer_policy);
             if let Ok(lapic) = chip.lapic_mut(0) {
                 lapic.setup_virtual_wire();
             }

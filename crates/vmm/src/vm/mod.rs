@@ -95,7 +95,10 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// What our PIT does with ticks the guest has not taken yet (split and
     /// userspace modes; KVM's own PIT always reinjects).
-    pub lost_ticks: LostTickPolicy,
+    pub pit_lost_ticks: LostTickPolicy,
+    /// What our LAPICs' periodic timers do with missed periods (userspace
+    /// mode; KVM's LAPIC always discards).
+    pub lapic_lost_ticks: LostTickPolicy,
 }
 
 /// A run that could not start.
@@ -153,10 +156,13 @@ fn make_backend(cfg: &VmConfig, vm: &Vm) -> Arc<dyn IrqchipBackend> {
     let cpus = cfg.cpus as usize;
     match cfg.mode {
         IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(vm.fd().clone())),
-        IrqchipMode::Split => Arc::new(SplitIrqchip::new(vm.fd().clone(), cpus, cfg.lost_ticks)),
-        IrqchipMode::Userspace => {
-            Arc::new(UserspaceIrqchip::new(vm.fd().clone(), cpus, cfg.lost_ticks))
+        IrqchipMode::Split => {
+            Arc::new(SplitIrqchip::new(vm.fd().clone(), cpus, cfg.pit_lost_ticks))
         }
+        IrqchipMode::Userspace => Arc::new(
+            UserspaceIrqchip::new(vm.fd().clone(), cpus, cfg.pit_lost_ticks)
+                .with_lapic_timer_policy(cfg.lapic_lost_ticks),
+        ),
     }
 }
 
