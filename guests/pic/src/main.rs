@@ -168,6 +168,8 @@ fn main(_boot: &'static Boot) -> ! {
     elcr_masks();
     edge_line();
     level_line();
+    level_irr_follows_line();
+    init_keeps_levels();
     imr_masking();
     priority_order();
     set_priority();
@@ -322,6 +324,41 @@ fn level_line() {
     let n = calls();
     cleanup();
     report::check_eq("level-line-redelivered", 2, n.into());
+}
+
+/// A level line's IRR bit follows the line: the acknowledge leaves it set
+/// while the line is high, and it clears when the line drops.
+fn level_irr_follows_line() {
+    arm(EOI_NONE);
+    pic::set_elcr(1 << 5);
+    open(1 << 5);
+    testdev_set_irq(5, true);
+    wait_until(TIMEOUT_US, || calls() >= 1);
+    let taken = (pic::irr() & (1 << 5), pic::isr() & (1 << 5));
+    testdev_set_irq(5, false);
+    let dropped = pic::irr() & (1 << 5);
+    let n = calls();
+    cleanup();
+    let got = [n, taken.0.into(), taken.1.into(), dropped.into()].map(u64::from);
+    report::check_list("level-irr-follows-line", &[1, 1 << 5, 1 << 5, 0], &got);
+}
+
+/// ICW1 drops a pending edge request and keeps a level one that is still
+/// asserted.
+fn init_keeps_levels() {
+    arm(EOI_NONE);
+    pic::set_elcr(1 << 5);
+    testdev_set_irq(5, true);
+    pulse(3);
+    let before = pic::irr() & (1 << 3 | 1 << 5);
+    reinit();
+    let after = pic::irr() & (1 << 3 | 1 << 5);
+    cleanup();
+    report::check_list(
+        "init-keeps-level-drops-edge",
+        &[1 << 3 | 1 << 5, 1 << 5],
+        &[before.into(), after.into()],
+    );
 }
 
 /// A masked edge stays in IRR without an interrupt and is delivered once on
