@@ -32,7 +32,7 @@ const TIMEOUT_US: u64 = 300_000;
 const SETTLE_US: u64 = 2_000;
 
 /// IMR with only the cascade open: the lines a check uses are opened by it.
-const ALL_MASKED: u16 = 0xFFFF & !(1 << 2);
+const ALL_MASKED: u16 = !(1 << 2);
 
 /// What the handler does after logging a call.
 const EOI_NONE: u8 = 0;
@@ -180,6 +180,7 @@ fn main(_boot: &'static Boot) -> ! {
     let kvm_pic = poll_command();
     special_mask(kvm_pic);
     slave_cascade();
+    special_fully_nested();
     spurious_irq7();
     spurious_irq15();
     cleanup();
@@ -571,6 +572,35 @@ fn slave_cascade() {
         master_eoi.into(),
     ];
     report::check_list("slave-cascade", &[1, 0x6A, 0x0404, 0x0404, 0x0004, 0], &got);
+}
+
+/// Slave IRQ 11 in service (master IRQ 2 with it): in the normal fully
+/// nested mode slave IRQ 10 waits behind the cascade's ISR bit; with ICW4
+/// special fully nested mode on the master it is taken, nested.
+fn special_fully_nested() {
+    let mut got = [0u64; 4];
+    for (i, icw4) in [pic::ICW4_8086, pic::ICW4_8086 | pic::ICW4_SFNM]
+        .into_iter()
+        .enumerate()
+    {
+        pic::init_with(MASTER_BASE, SLAVE_BASE, icw4, pic::ICW4_8086);
+        pic::set_imr(ALL_MASKED);
+        arm(EOI_NONE);
+        open(1 << 10 | 1 << 11);
+        pulse(11);
+        wait_until(TIMEOUT_US, || calls() >= 1);
+        pulse(10);
+        if i == 0 {
+            settle();
+        } else {
+            wait_until(TIMEOUT_US, || calls() >= 2);
+        }
+        got[2 * i] = calls().into();
+        got[2 * i + 1] = pic::isr().into();
+        cleanup();
+    }
+    reinit();
+    report::check_list("special-fully-nested", &[1, 0x0804, 2, 0x0C04], &got);
 }
 
 /// Why a spurious IRQ cannot be produced when the request is withdrawn

@@ -75,6 +75,8 @@ const ELCR_SLAVE: u16 = 0x4D1;
 pub const ICW4_8086: u8 = 0x01;
 /// ICW4 bit 1: automatic EOI at the acknowledge.
 pub const ICW4_AUTO_EOI: u8 = 0x02;
+/// ICW4 bit 4: special fully nested mode.
+pub const ICW4_SFNM: u8 = 0x10;
 
 fn cmd_port(slave: bool) -> u16 {
     if slave {
