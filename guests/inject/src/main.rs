@@ -18,7 +18,7 @@ use guest_runtime::ioapic::Redirection;
 use guest_runtime::lapic::{self, reg, Icr};
 use guest_runtime::serial::Line;
 use guest_runtime::time::{self, delay_us, wait_until, Deadline};
-use guest_runtime::{entry, pit, report, Boot};
+use guest_runtime::{entry, pic, pit, report, Boot};
 
 const V_IF0: u8 = 0x60;
 const V_SHADOW: u8 = 0x61;
@@ -26,6 +26,10 @@ const V_STI_HLT: u8 = 0x62;
 const V_LAPIC_WAKE: u8 = 0x63;
 const V_PIT_WAKE: u8 = 0x64;
 const V_WATCHDOG: u8 = 0x65;
+
+/// LAPIC LVT LINT0 register and its ExtINT delivery mode.
+const LVT_LINT0: u32 = 0x350;
+const LVT_EXTINT: u32 = 7 << 8;
 
 /// Bound for any wait that should succeed.
 const TIMEOUT_US: u64 = 100_000;
@@ -79,6 +83,7 @@ fn main(boot: &'static Boot) -> ! {
     sti_hlt_pending();
     hlt_wakes_lapic_timer(boot);
     hlt_wakes_pit(boot);
+    hlt_wakes_pit_extint();
     report::finish()
 }
 
@@ -224,4 +229,24 @@ fn hlt_wakes_pit(boot: &Boot) {
     lapic::timer_stop();
     pit_off(boot);
     report::check_list("hlt-wakes-pit-irq0", &[1, 0, 1], &got);
+}
+
+/// With IF=1, PIT IRQ 0 (a 2 ms mode 0 one-shot) through the master PIC
+/// and LINT0 in ExtINT mode ends HLT (vector 0x20); the LAPIC timer (50 ms)
+/// bounds the wait.
+fn hlt_wakes_pit_extint() {
+    cli();
+    pit::program(0, 0, (WAKE_US * pit::FREQ_HZ / 1_000_000) as u16);
+    // The PIC latched the earlier checks' IRQ 0 edges while masked;
+    // reinitialising it drops those stale requests.
+    pic::init();
+    lapic::write(LVT_LINT0, LVT_EXTINT);
+    lapic::timer_oneshot(V_WATCHDOG, time::lapic_ticks(WATCHDOG_US));
+    pic::set_masked(0, false);
+    let got = hlt_once(pic::MASTER_BASE);
+    lapic::timer_stop();
+    pic::set_masked(0, true);
+    pit::stop();
+    lapic::write(LVT_LINT0, lapic::LVT_MASKED | LVT_EXTINT);
+    report::check_list("hlt-wakes-pit-extint", &[1, 0, 1], &got);
 }

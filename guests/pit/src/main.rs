@@ -207,7 +207,7 @@ fn sample(out_edges: bool) -> Samples {
         let out = status & STATUS_OUT != 0;
         s.min = s.min.min(count);
         s.max = s.max.max(count);
-        s.all_even &= count % 2 == 0;
+        s.all_even &= count.is_multiple_of(2);
         let edge = if out_edges {
             last_out == Some(false) && out
         } else {
@@ -452,8 +452,10 @@ fn irq0_count_ok(name: &str, vector: u8, holds_in_service: bool) {
 /// Counter 0 in mode 2 at 1 kHz through the master PIC (vector 0x20), the
 /// LAPIC's LINT0 programmed as ExtINT.
 fn irq0_pic() {
-    lapic::write(LVT_LINT0, LVT_EXTINT);
     pit::program(0, 2, IRQ_RELOAD);
+    // Drops the IRQ 0 edges the PIC latched while masked.
+    pic::init();
+    lapic::write(LVT_LINT0, LVT_EXTINT);
     pic::set_masked(0, false);
     irq0_count_ok("irq0-pic", pic::MASTER_BASE, true);
     pic::set_masked(0, true);
