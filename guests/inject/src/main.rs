@@ -169,10 +169,11 @@ fn sti_hlt_pending() {
 }
 
 /// HLT once with IF=1 and returns: (interrupts of `vector`, of the
-/// watchdog, whether HLT lasted at least half of WAKE_US).
-fn hlt_once(vector: u8) -> [u64; 3] {
+/// watchdog, whether HLT returned at least half of WAKE_US after `t0`, the
+/// TSC when the waking timer was armed: an earlier return means a stale
+/// request woke it, not the timer).
+fn hlt_once(vector: u8, t0: u64) -> [u64; 3] {
     let w0 = count(V_WATCHDOG);
-    let t0 = rdtsc();
     // SAFETY: halts with IF=1 until an interrupt; a watchdog is armed.
     unsafe { asm!("sti", "hlt", "cli", options(nostack)) }
     let us = (rdtsc() - t0) * 1000 / time::tsc_per_ms().max(1);
@@ -212,8 +213,9 @@ fn pit_off(boot: &Boot) {
 fn hlt_wakes_lapic_timer(boot: &Boot) {
     cli();
     pit_oneshot(boot, V_WATCHDOG, WATCHDOG_US);
+    let t0 = rdtsc();
     lapic::timer_oneshot(V_LAPIC_WAKE, time::lapic_ticks(WAKE_US));
-    let got = hlt_once(V_LAPIC_WAKE);
+    let got = hlt_once(V_LAPIC_WAKE, t0);
     lapic::timer_stop();
     pit_off(boot);
     report::check_list("hlt-wakes-lapic-timer", &[1, 0, 1], &got);
@@ -224,8 +226,9 @@ fn hlt_wakes_lapic_timer(boot: &Boot) {
 fn hlt_wakes_pit(boot: &Boot) {
     cli();
     lapic::timer_oneshot(V_WATCHDOG, time::lapic_ticks(WATCHDOG_US));
+    let t0 = rdtsc();
     pit_oneshot(boot, V_PIT_WAKE, WAKE_US);
-    let got = hlt_once(V_PIT_WAKE);
+    let got = hlt_once(V_PIT_WAKE, t0);
     lapic::timer_stop();
     pit_off(boot);
     report::check_list("hlt-wakes-pit-irq0", &[1, 0, 1], &got);
@@ -236,6 +239,7 @@ fn hlt_wakes_pit(boot: &Boot) {
 /// bounds the wait.
 fn hlt_wakes_pit_extint() {
     cli();
+    let t0 = rdtsc();
     pit::program(0, 0, (WAKE_US * pit::FREQ_HZ / 1_000_000) as u16);
     // The PIC latched the earlier checks' IRQ 0 edges while masked;
     // reinitialising it drops those stale requests.
@@ -243,7 +247,7 @@ fn hlt_wakes_pit_extint() {
     lapic::write(LVT_LINT0, LVT_EXTINT);
     lapic::timer_oneshot(V_WATCHDOG, time::lapic_ticks(WATCHDOG_US));
     pic::set_masked(0, false);
-    let got = hlt_once(pic::MASTER_BASE);
+    let got = hlt_once(pic::MASTER_BASE, t0);
     lapic::timer_stop();
     pic::set_masked(0, true);
     pit::stop();

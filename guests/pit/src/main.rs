@@ -24,10 +24,15 @@ const TIMEOUT_US: u64 = 100_000;
 const PERIOD_RELOAD: u16 = 32_768;
 /// Periods timed in the period checks (between the first and the last edge).
 const PERIODS: usize = 2;
-/// Sampling attempts: one whose polls were ever further apart than a
-/// quarter period (the host descheduled the vCPU) may have missed an edge
-/// and is taken again.
-const ATTEMPTS: usize = 3;
+/// Sampling attempts: one whose polls were ever further apart than
+/// 1/MAX_GAP_DIVISOR of a period (the host descheduled the vCPU) may have
+/// seen an edge late and is taken again.
+const ATTEMPTS: usize = 5;
+/// A valid sample's polls are at most period / 20 (1.4 ms) apart, so each
+/// of the two edge times is at most that late: 2 x 5 % of one period,
+/// within PERIOD_TOLERANCE_PCT of the two periods timed.
+const MAX_GAP_DIVISOR: u64 = 20;
+const HOST_BUSY: &str = "the vCPU was descheduled for over 1/20 of a period in every attempt: the host is too busy to time the PIT";
 /// Allowed error of a measured period, in percent (see `period_ok`).
 const PERIOD_TOLERANCE_PCT: u64 = 10;
 /// IRQ 0 rate of the irq0 checks: reload 1193 = 1000.15 Hz.
@@ -163,15 +168,15 @@ struct Samples {
 }
 
 /// Samples counter 0 (programmed in `mode` with PERIOD_RELOAD) up to
-/// ATTEMPTS times, until no two polls were more than a quarter period
-/// apart. The counter is stopped afterwards.
+/// ATTEMPTS times, until no two polls were more than period /
+/// MAX_GAP_DIVISOR apart. The counter is stopped afterwards.
 fn sample_mode(mode: u8, out_edges: bool) -> Samples {
-    let quarter = tsc_for_pit_ticks(PERIOD_RELOAD.into()) / 4;
+    let max_gap = tsc_for_pit_ticks(PERIOD_RELOAD.into()) / MAX_GAP_DIVISOR;
     let mut s = None;
     for _ in 0..ATTEMPTS {
         pit::program(0, mode, PERIOD_RELOAD);
         let got = sample(out_edges);
-        let ok = got.max_gap <= quarter;
+        let ok = got.max_gap <= max_gap;
         s = Some(got);
         if ok {
             break;
@@ -224,6 +229,10 @@ fn sample(out_edges: bool) -> Samples {
 }
 
 fn report_period(name: &str, s: &Samples) {
+    if s.max_gap > tsc_for_pit_ticks(PERIOD_RELOAD.into()) / MAX_GAP_DIVISOR {
+        report::skip(name, HOST_BUSY);
+        return;
+    }
     if s.edges <= PERIODS {
         report::fail_line(name)
             .s("expected ")
