@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use virq::chipset::{ChipEvent, Chipset};
 use virq::delivery::InterruptMessage;
 use virq::lapic::StartupEvent;
+use virq::msi::MsiMessage;
 use virq::routing::SourceId;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -107,6 +108,20 @@ impl ChipHost {
         match spawned {
             Ok(t) => *lock(&self.timer_thread) = Some(t),
             Err(e) => tracing::error!("cannot start the timer thread: {e}"),
+        }
+    }
+
+    /// Sets `gsi`'s level as seen from `source`, from any thread.
+    pub fn set_gsi(&self, gsi: u32, source: SourceId, level: bool) {
+        self.with_chip(None, true, |c, now| c.set_gsi(gsi, source, level, now));
+    }
+
+    /// Delivers a device's MSI write, from any thread; one the decoder
+    /// rejects is dropped, as the bus would.
+    pub fn send_msi(&self, address: u64, data: u32) {
+        let msi = MsiMessage { address, data };
+        if let Some(Err(e)) = self.with_chip(None, false, |c, now| c.send_msi(msi, now)) {
+            tracing::debug!("MSI dropped: {e}");
         }
     }
 

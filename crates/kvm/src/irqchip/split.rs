@@ -309,8 +309,7 @@ impl IrqchipBackend for SplitIrqchip {
     }
 
     fn set_gsi_from(&self, gsi: u32, source: SourceId, level: bool) -> Result<()> {
-        self.host
-            .with_chip(None, true, |c, now| c.set_gsi(gsi, source, level, now));
+        self.host.set_gsi(gsi, source, level);
         Ok(())
     }
 
@@ -320,13 +319,7 @@ impl IrqchipBackend for SplitIrqchip {
     }
 
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {
-        let msi = MsiMessage { address, data };
-        if let Some(Err(e)) = self
-            .host
-            .with_chip(None, false, |c, now| c.send_msi(msi, now))
-        {
-            tracing::debug!("MSI dropped: {e}");
-        }
+        self.host.send_msi(address, data);
         Ok(())
     }
 

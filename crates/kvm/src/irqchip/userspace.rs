@@ -29,7 +29,6 @@ use virq::chipset::{Chipset, ChipsetConfig, LapicPlacement};
 use virq::inject::{decide, Decision, Interruptibility, PendingEvents};
 use virq::ioapic::IoapicVersion;
 use virq::lapic::{StartupEvent, MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_X2APIC_FIRST};
-use virq::msi::MsiMessage;
 use virq::pit::LostTickPolicy;
 use virq::routing::SourceId;
 use virq::RaiseGp;
@@ -420,8 +419,7 @@ impl IrqchipBackend for UserspaceIrqchip {
     }
 
     fn set_gsi_from(&self, gsi: u32, source: SourceId, level: bool) -> Result<()> {
-        self.host
-            .with_chip(None, true, |c, now| c.set_gsi(gsi, source, level, now));
+        self.host.set_gsi(gsi, source, level);
         Ok(())
     }
 
@@ -431,13 +429,7 @@ impl IrqchipBackend for UserspaceIrqchip {
     }
 
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {
-        let msi = MsiMessage { address, data };
-        if let Some(Err(e)) = self
-            .host
-            .with_chip(None, false, |c, now| c.send_msi(msi, now))
-        {
-            tracing::debug!("MSI dropped: {e}");
-        }
+        self.host.send_msi(address, data);
         Ok(())
     }
 
