@@ -1,6 +1,6 @@
 //! Guests that misbehave on purpose (`guests/hostile`): IPI floods, level
-//! lines and timers never EOI'd, timers at their fastest rate, garbage
-//! written to every device. In every irqchip mode the VMM must stay in
+//! lines and timers never EOI'd, timers at their fastest rate, doorbells
+//! rung in a tight loop, garbage written to every device. In every irqchip mode the VMM must stay in
 //! control: `--timeout` ends the run on time with its one line, or the
 //! guest's own fault ends it cleanly - never a panic or a hang.
 
@@ -12,7 +12,7 @@ const VIRQ: &str = env!("CARGO_BIN_EXE_virq");
 const OUT_DIR: &str = env!("OUT_DIR");
 const MODES: [&str; 3] = ["kernel", "split", "userspace"];
 /// Behaviours that never end by themselves: only the timeout stops them.
-const ENDLESS: [&str; 3] = ["ipi-flood", "no-eoi", "timer-storm"];
+const ENDLESS: [&str; 4] = ["ipi-flood", "no-eoi", "timer-storm", "doorbell-flood"];
 const TIMEOUT_SECS: u64 = 3;
 /// Generous: the timeout must fire at 3 s, but the machine is shared.
 const LIMIT: Duration = Duration::from_secs(20);

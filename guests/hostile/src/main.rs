@@ -8,7 +8,12 @@
 //! - `timer-storm`: the LAPIC timer (count 1, divide 1) and the PIT
 //!   (reload 1) at their fastest periodic rates;
 //! - `garbage`: pseudo-random writes to every I/O port (but the exit port
-//!   and the console), the LAPIC and IOAPIC pages and the APIC MSRs.
+//!   and the console), the LAPIC and IOAPIC pages and the APIC MSRs;
+//! - `doorbell-flood`: virq's ring device armed with a producer index far
+//!   ahead of the ring and its doorbell rung in a tight loop (every ring
+//!   makes the device thread answer a whole ring and send an MSI that is
+//!   never EOI'd), while the pass-through line produces events nobody
+//!   services.
 //!
 //! Each prints `# hostile: <mode> running` once the misbehaviour starts.
 #![no_std]
@@ -30,11 +35,12 @@ const LEVEL_LINE: u8 = 10;
 const ICR_ALL_INCLUDING_SELF: u32 = 0b10 << 18;
 
 fn main(boot: &'static Boot) -> ! {
-    let modes: [(&str, fn(&'static Boot) -> !); 4] = [
+    let modes: [(&str, fn(&'static Boot) -> !); 5] = [
         ("ipi-flood", ipi_flood),
         ("no-eoi", no_eoi),
         ("timer-storm", timer_storm),
         ("garbage", garbage),
+        ("doorbell-flood", doorbell_flood),
     ];
     for (name, run) in modes {
         if boot.multiboot.has_option(name) {
@@ -104,6 +110,41 @@ fn timer_storm(boot: &'static Boot) -> ! {
     running("timer-storm");
     loop {
         sti_hlt();
+    }
+}
+
+/// A 64-entry ring for the ring device (ports 0x2500-0x251F).
+#[repr(C, align(64))]
+struct Ring([u32; 16 + 2 * 64]);
+
+static mut RING: Ring = Ring([0; 16 + 2 * 64]);
+
+fn doorbell_flood(boot: &'static Boot) -> ! {
+    const RING_PORT: u16 = 0x2500;
+    const LINE_PORT: u16 = 0x2520;
+    cpu::set_auto_eoi(FLOOD_VECTOR, false);
+    // SAFETY: only this CPU runs; the device reads the ring as guest memory.
+    let ring = unsafe { core::ptr::addr_of_mut!(RING) };
+    outl(RING_PORT, ring as u32);
+    outl(RING_PORT + 4, 64);
+    outl(RING_PORT + 8, 0xFEE0_0000 | (boot.bsp_apic_id << 12));
+    outl(RING_PORT + 12, u32::from(FLOOD_VECTOR));
+    // Pass-through line: as many events as it allows, as fast as it goes,
+    // on a level pin that is never EOI'd.
+    let pin = 19 - boot.platform.ioapic_gsi_base;
+    let rte = Redirection::fixed(LEVEL_VECTOR, boot.bsp_apic_id as u8).level(true);
+    cpu::set_auto_eoi(LEVEL_VECTOR, false);
+    boot.ioapic.set_redirection(pin, rte);
+    outl(LINE_PORT + 4, 0);
+    outl(LINE_PORT, 100_000);
+    sti();
+    running("doorbell-flood");
+    let mut produced: u32 = 0;
+    loop {
+        produced = produced.wrapping_add(0x4000_0000);
+        // SAFETY: a plain store to the ring's producer index.
+        unsafe { core::ptr::write_volatile(ring.cast::<u32>(), produced) };
+        outl(RING_PORT + 0x10, 1);
     }
 }
 
