@@ -11,15 +11,13 @@
 //!   pending and `0x00` when none is, as QEMU does. This is the word the
 //!   8259A data sheet defines (bit 7 = I, "an interrupt is pending"; bits 2:0
 //!   the level); KVM's bare level number cannot tell "IRQ 0" from "nothing".
-//! - **Cascade input.** The master's IR2 follows the slave's INT output: it
-//!   is re-evaluated after every change, so a slave request that goes away
-//!   (its line drops, the guest masks it) withdraws the master's request too.
-//!   KVM pulses IR2 instead and leaves it latched, which then shows the CPU a
-//!   spurious IRQ 15. Following the wire keeps [`Pic::output`] honest: it is
-//!   true exactly when an INTA would deliver a real vector. A slave spurious
-//!   can still come from a restored snapshot that holds master IR2 with an
-//!   idle slave; it is handled as the data sheet says (slave base + 7, master
-//!   IR2 put in service).
+//! - **Cascade input.** The master's IR2 latches the slave's INT output, as
+//!   KVM and QEMU do: it is set whenever the slave has a request and cleared
+//!   only by the INTA that takes it. A slave request that goes away before
+//!   that (its line drops, the guest masks it) leaves the master requesting,
+//!   and the INTA then yields the slave's spurious vector (slave base + 7)
+//!   with master IR2 put in service, as the data sheet and the behaviour
+//!   reference describe: the spurious IRQ 15 PC guests know.
 //! - **Input line 2.** On a PC nothing but the slave drives the master's IR2
 //!   (the ISA bus's IRQ 2 is wired to IRQ 9), so `set_irq(2, ..)` changes
 //!   nothing and reports [`IrqStatus::Masked`].
@@ -202,6 +200,11 @@ impl Pic {
             SLAVE_COMMAND | SLAVE_DATA if self.slave.poll => {
                 let (word, acked) = self.slave.poll_read();
                 self.note_slave_acks(acked);
+                if word & 0x80 != 0 {
+                    // The poll took the slave's request: the master's
+                    // latched cascade request goes with it (as in KVM).
+                    self.master.irr &= !bit(CASCADE_PIN);
+                }
                 word
             }
             MASTER_COMMAND => self.master.read_command(),
@@ -347,7 +350,9 @@ impl Pic {
         self.acked |= u16::from(acked) << 8;
     }
 
-    /// Carry the slave's INT output to the master's IR2.
+    /// Carry the slave's INT output to the master's IR2, which latches it:
+    /// a request the slave withdraws stays requested on the master until an
+    /// INTA takes it (and then yields the slave's spurious vector).
     fn update_cascade(&mut self) {
         let slave_int = self.slave.pending().is_some();
         let mask = bit(CASCADE_PIN);
@@ -355,7 +360,6 @@ impl Pic {
             self.master.irr |= mask;
             self.master.last_irr |= mask;
         } else {
-            self.master.irr &= !mask;
             self.master.last_irr &= !mask;
         }
     }
