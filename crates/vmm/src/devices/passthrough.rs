@@ -186,7 +186,7 @@ fn generate(shared: &Shared, events: u32, gap: Duration) {
         }
         {
             let mut line = lock(&shared.line);
-            line.pending += 1;
+            line.pending = line.pending.saturating_add(1);
             line.produced += 1;
             shared.host_irq(&mut line);
         }
