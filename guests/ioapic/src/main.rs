@@ -230,6 +230,7 @@ fn main(boot: &'static Boot) -> ! {
     logical_flat(&ctx);
     lowest_priority(&ctx);
     out_of_range_index(&ctx);
+    id_register(&ctx);
     version_register(&ctx);
     eoi_register(&ctx);
     eoi_broadcast_suppression(&ctx);
@@ -633,6 +634,17 @@ fn out_of_range_index(ctx: &Ctx) {
 /// that covers the GSIs the firmware tables route ISA IRQs to and matches
 /// the entries that exist (entry `max` keeps what is written to it, the
 /// index after it does not).
+/// The ID register (bits 27:24 of index 0) holds the ID the firmware
+/// tables give the IOAPIC, as an OS that cross-checks them expects.
+fn id_register(ctx: &Ctx) {
+    let register = (ctx.io.read(0) >> 24) & 0xF;
+    report::check_eq(
+        "id-matches-tables",
+        u64::from(ctx.boot.platform.ioapic_id),
+        register.into(),
+    );
+}
+
 fn version_register(ctx: &Ctx) {
     const NAME: &str = "version-max-redirection";
     // Masked, vector 0xAB: the writable bits compared.

@@ -38,6 +38,8 @@ pub struct Platform {
     pub apic_ids: [u32; MAX_CPUS],
     /// Number of entries in `apic_ids`.
     pub cpu_count: usize,
+    /// First IOAPIC's ID, as the tables give it.
+    pub ioapic_id: u8,
     /// First IOAPIC's MMIO address.
     pub ioapic_addr: u32,
     /// First IOAPIC's GSI base.
@@ -55,6 +57,7 @@ impl Platform {
             source: "none",
             apic_ids: [0; MAX_CPUS],
             cpu_count: 0,
+            ioapic_id: 0,
             ioapic_addr: 0xFEC0_0000,
             ioapic_gsi_base: 0,
             overrides: [Override {
@@ -179,6 +182,7 @@ fn from_madt(p: &mut Platform) -> bool {
             // Processor local x2APIC.
             9 if phys_u32(e + 8) & 0x3 != 0 => p.add_cpu(phys_u32(e + 4)),
             1 if !found_ioapic => {
+                p.ioapic_id = phys_u8(e + 2);
                 p.ioapic_addr = phys_u32(e + 4);
                 p.ioapic_gsi_base = phys_u32(e + 8);
                 found_ioapic = true;
@@ -225,6 +229,7 @@ fn from_mp_table(p: &mut Platform) -> bool {
             1 if phys_read::<3>(e + 2) == *b"ISA" => isa_bus = Some(phys_u8(e + 1)),
             2 if ioapic_id.is_none() && phys_u8(e + 3) & 1 != 0 => {
                 ioapic_id = Some(phys_u8(e + 1));
+                p.ioapic_id = phys_u8(e + 1);
                 p.ioapic_addr = phys_u32(e + 4);
             }
             3 => {

@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn madt_header_has_lapic_base_and_pcat_compat() {
         let mem = ram();
-        write_tables(&mem, 2).unwrap();
+        write_tables(&mem, 2, crate::firmware::IOAPIC_VERSION).unwrap();
         let madt = find_madt(&mem);
         assert_eq!(u32_at(&madt, 36), 0xFEE0_0000);
         assert_eq!(u32_at(&madt, 40), madt::PCAT_COMPAT);
@@ -259,7 +259,7 @@ mod tests {
     #[test]
     fn madt_has_one_enabled_lapic_per_cpu() {
         let mem = ram();
-        write_tables(&mem, 4).unwrap();
+        write_tables(&mem, 4, crate::firmware::IOAPIC_VERSION).unwrap();
         let s = structures(&find_madt(&mem));
         let lapics = of(&s, madt::LOCAL_APIC);
         assert_eq!(lapics.len(), 4);
@@ -272,18 +272,18 @@ mod tests {
     #[test]
     fn madt_ioapic_at_fec00000_with_gsi_base_0() {
         let mem = ram();
-        write_tables(&mem, 4).unwrap();
+        write_tables(&mem, 4, crate::firmware::IOAPIC_VERSION).unwrap();
         let io = of(&structures(&find_madt(&mem)), madt::IOAPIC);
         assert_eq!(
             io,
-            vec![vec![1, 12, 4, 0, 0x00, 0x00, 0xC0, 0xFE, 0, 0, 0, 0]]
+            vec![vec![1, 12, 0, 0, 0x00, 0x00, 0xC0, 0xFE, 0, 0, 0, 0]]
         );
     }
 
     #[test]
     fn madt_overrides_irq0_to_gsi2() {
         let mem = ram();
-        write_tables(&mem, 1).unwrap();
+        write_tables(&mem, 1, crate::firmware::IOAPIC_VERSION).unwrap();
         let iso = of(
             &structures(&find_madt(&mem)),
             madt::INTERRUPT_SOURCE_OVERRIDE,
@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn madt_lint1_is_nmi_for_all_processors() {
         let mem = ram();
-        write_tables(&mem, 1).unwrap();
+        write_tables(&mem, 1, crate::firmware::IOAPIC_VERSION).unwrap();
         let nmi = of(&structures(&find_madt(&mem)), madt::LOCAL_APIC_NMI);
         assert_eq!(nmi, vec![vec![4, 6, 0xFF, 0, 0, 1]]);
     }
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn madt_with_255_cpus_uses_only_xapic_entries() {
         let mem = ram();
-        write_tables(&mem, 255).unwrap();
+        write_tables(&mem, 255, crate::firmware::IOAPIC_VERSION).unwrap();
         let s = structures(&find_madt(&mem));
         let lapics = of(&s, madt::LOCAL_APIC);
         assert_eq!(lapics.len(), 255);
@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn madt_lists_ids_above_254_as_x2apic() {
         let mem = ram();
-        write_tables(&mem, 256).unwrap();
+        write_tables(&mem, 256, crate::firmware::IOAPIC_VERSION).unwrap();
         let madt = find_madt(&mem);
         assert_eq!(madt[8], 3, "revision 3 for x2APIC structures");
         let s = structures(&madt);

@@ -24,8 +24,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 /// Physical address of the local APICs' registers.
 pub const LAPIC_ADDR: u32 = 0xFEE0_0000;
-/// IOAPIC version reported in the MP table (the 82093AA-style 0x20 of KVM's
-/// and QEMU's IOAPIC).
+/// IOAPIC version of virq's own IOAPIC (split and userspace modes), for the
+/// MP table; kernel mode reports KVM's 0x11.
 pub const IOAPIC_VERSION: u8 = 0x20;
 /// Local APIC version reported in the MP table (integrated APIC).
 pub const LAPIC_VERSION: u8 = 0x14;
@@ -85,12 +85,15 @@ pub enum FirmwareError {
     },
 }
 
-/// The IOAPIC's ID: the first ID after the CPUs' (APIC IDs 0..cpus), or 0
-/// when the CPUs use every 8-bit ID below the broadcast ID 0xFF. IOAPIC and
-/// local APIC IDs are separate name spaces on every APIC bus since the P4, so
-/// 0 is still unambiguous there.
-pub fn ioapic_id(cpus: u32) -> u8 {
-    u8::try_from(cpus).ok().filter(|&id| id < 0xFF).unwrap_or(0)
+/// The IOAPIC's ID in the tables: 0, what its ID register holds after reset
+/// in every mode (KVM's, ours), as QEMU's tables say too. IOAPIC and local
+/// APIC IDs are separate name spaces on every APIC bus since the P4, so 0 is
+/// unambiguous, and a guest that checks the register against the tables
+/// (Linux does) finds them agreeing without firmware reprogramming it. The
+/// register is 4 bits wide, so "the first ID after the CPUs'" could not
+/// match it beyond 15 CPUs anyway.
+pub fn ioapic_id(_cpus: u32) -> u8 {
+    0
 }
 
 /// The byte that makes `bytes` sum to zero (mod 256) once added.
@@ -159,7 +162,11 @@ pub(crate) struct Placed {
 }
 
 /// Write the MP table and the ACPI tables for `cpus` CPUs.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<(), FirmwareError> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u32,
+    ioapic_version: u8,
+) -> Result<(), FirmwareError> {
     if cpus == 0 {
         return Err(FirmwareError::NoCpus);
     }
@@ -176,7 +183,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<(), FirmwareErro
         return Err(FirmwareError::NoFirmwareMemory);
     }
     let mut tables = acpi::build(cpus, ACPI_START, MP_START);
-    tables.extend(mptable::build(cpus, MP_START, FIRMWARE_END));
+    tables.extend(mptable::build(cpus, ioapic_version, MP_START, FIRMWARE_END));
     for t in &tables {
         if t.addr + t.bytes.len() as u64 > t.limit {
             return Err(FirmwareError::DoesNotFit {
@@ -207,13 +214,16 @@ mod tests {
 
     #[test]
     fn zero_cpus_is_an_error() {
-        assert_eq!(write_tables(&ram(), 0), Err(FirmwareError::NoCpus));
+        assert_eq!(
+            write_tables(&ram(), 0, IOAPIC_VERSION),
+            Err(FirmwareError::NoCpus)
+        );
     }
 
     #[test]
     fn too_many_cpus_is_an_error() {
         assert_eq!(
-            write_tables(&ram(), MAX_CPUS + 1),
+            write_tables(&ram(), MAX_CPUS + 1, IOAPIC_VERSION),
             Err(FirmwareError::TooManyCpus {
                 cpus: MAX_CPUS + 1,
                 max: MAX_CPUS
@@ -224,16 +234,17 @@ mod tests {
     #[test]
     fn ram_without_firmware_area_is_an_error() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0xA_0000)]).unwrap();
-        assert_eq!(write_tables(&mem, 1), Err(FirmwareError::NoFirmwareMemory));
+        assert_eq!(
+            write_tables(&mem, 1, IOAPIC_VERSION),
+            Err(FirmwareError::NoFirmwareMemory)
+        );
     }
 
     #[test]
-    fn ioapic_id_follows_cpus_and_avoids_broadcast() {
-        assert_eq!(ioapic_id(1), 1);
-        assert_eq!(ioapic_id(4), 4);
-        assert_eq!(ioapic_id(254), 254);
-        assert_eq!(ioapic_id(255), 0);
-        assert_eq!(ioapic_id(256), 0);
+    fn ioapic_id_is_the_reset_value_of_the_register() {
+        for cpus in [1, 4, 16, 254, 255] {
+            assert_eq!(ioapic_id(cpus), 0);
+        }
     }
 
     #[test]
@@ -247,7 +258,7 @@ mod tests {
     #[test]
     fn every_supported_cpu_count_fits() {
         for cpus in [1, 2, 16, 254, 255, 256] {
-            write_tables(&ram(), cpus).unwrap();
+            write_tables(&ram(), cpus, IOAPIC_VERSION).unwrap();
         }
     }
 }

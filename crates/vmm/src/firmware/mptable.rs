@@ -1,7 +1,7 @@
 //! Intel MultiProcessor Specification 1.4 tables: the floating pointer
 //! structure and the configuration table it points at.
 
-use super::{ioapic_id, Placed, TableBuf, IOAPIC_ADDR, IOAPIC_VERSION, LAPIC_ADDR, LAPIC_VERSION};
+use super::{ioapic_id, Placed, TableBuf, IOAPIC_ADDR, LAPIC_ADDR, LAPIC_VERSION};
 
 /// Floating pointer signature.
 pub const FLOATING_SIGNATURE: &[u8; 4] = b"_MP_";
@@ -63,7 +63,7 @@ pub fn isa_irq_pin(irq: u8) -> Option<u8> {
 /// Build the floating pointer at `start` and the configuration table right
 /// after it, for CPUs with APIC IDs below 255 (the MP table's 8-bit IDs, 0xFF
 /// being "all").
-pub(crate) fn build(cpus: u32, start: u64, limit: u64) -> Vec<Placed> {
+pub(crate) fn build(cpus: u32, ioapic_version: u8, start: u64, limit: u64) -> Vec<Placed> {
     let config_addr = start + FLOATING_LEN as u64;
     let ioapic = ioapic_id(cpus);
 
@@ -101,7 +101,7 @@ pub(crate) fn build(cpus: u32, start: u64, limit: u64) -> Vec<Placed> {
     t.u8(entry::BUS).u8(ISA_BUS).bytes(b"ISA   ");
     t.u8(entry::IOAPIC)
         .u8(ioapic)
-        .u8(IOAPIC_VERSION)
+        .u8(ioapic_version)
         .u8(1)
         .u32(IOAPIC_ADDR);
     count += 2;
@@ -164,6 +164,7 @@ pub(crate) fn build(cpus: u32, start: u64, limit: u64) -> Vec<Placed> {
 mod tests {
     use super::super::{write_tables, MP_START};
     use super::*;
+    use crate::firmware::IOAPIC_VERSION;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     fn ram() -> GuestMemoryMmap {
@@ -219,7 +220,7 @@ mod tests {
     #[test]
     fn floating_pointer_and_config_checksums_are_valid() {
         let mem = ram();
-        write_tables(&mem, 4).unwrap();
+        write_tables(&mem, 4, IOAPIC_VERSION).unwrap();
         let table = find_config(&mem);
         assert_eq!(
             u32::from_le_bytes(table[36..40].try_into().unwrap()),
@@ -231,7 +232,7 @@ mod tests {
     #[test]
     fn one_processor_entry_per_cpu_with_bsp_first() {
         let mem = ram();
-        write_tables(&mem, 4).unwrap();
+        write_tables(&mem, 4, IOAPIC_VERSION).unwrap();
         let cpus: Vec<_> = entries(&find_config(&mem))
             .into_iter()
             .filter(|(k, _)| *k == entry::PROCESSOR)
@@ -243,34 +244,45 @@ mod tests {
     #[test]
     fn bus_and_ioapic_entries() {
         let mem = ram();
-        write_tables(&mem, 2).unwrap();
+        write_tables(&mem, 2, IOAPIC_VERSION).unwrap();
         let e = entries(&find_config(&mem));
         let bus: Vec<_> = e.iter().filter(|(k, _)| *k == entry::BUS).collect();
         assert_eq!(bus.len(), 1);
         assert_eq!(&bus[0].1[2..8], b"ISA   ");
         let io: Vec<_> = e.iter().filter(|(k, _)| *k == entry::IOAPIC).collect();
         assert_eq!(io.len(), 1);
-        assert_eq!(io[0].1, vec![2, 2, 0x20, 1, 0x00, 0x00, 0xC0, 0xFE]);
+        // ID 0 (the register's reset value), version 0x20, enabled, 0xFEC00000.
+        assert_eq!(io[0].1, vec![2, 0, 0x20, 1, 0x00, 0x00, 0xC0, 0xFE]);
+    }
+
+    #[test]
+    fn kernel_mode_tables_give_kvms_ioapic_version() {
+        let mem = ram();
+        write_tables(&mem, 2, 0x11).unwrap();
+        let e = entries(&find_config(&mem));
+        let io = e.iter().find(|(k, _)| *k == entry::IOAPIC).unwrap();
+        assert_eq!(io.1[2], 0x11);
     }
 
     #[test]
     fn isa_irqs_route_to_pins_with_irq0_on_pin2_and_no_irq2() {
         let mem = ram();
-        write_tables(&mem, 3).unwrap();
+        write_tables(&mem, 3, IOAPIC_VERSION).unwrap();
         let routes: Vec<(u8, u8, u8, u8)> = entries(&find_config(&mem))
             .into_iter()
             .filter(|(k, _)| *k == entry::IO_INTERRUPT)
             .map(|(_, e)| (e[1], e[5], e[6], e[7]))
             .collect();
-        let mut expected = vec![(0, 0, 3, 2)];
-        expected.extend((1..16).filter(|&i| i != 2).map(|i| (0, i, 3, i)));
+        // (bus, bus IRQ, IOAPIC ID 0, pin)
+        let mut expected = vec![(0, 0, 0, 2)];
+        expected.extend((1..16).filter(|&i| i != 2).map(|i| (0, i, 0, i)));
         assert_eq!(routes, expected);
     }
 
     #[test]
     fn lint0_is_extint_and_lint1_is_nmi_on_all_cpus() {
         let mem = ram();
-        write_tables(&mem, 1).unwrap();
+        write_tables(&mem, 1, IOAPIC_VERSION).unwrap();
         let locals: Vec<(u8, u8, u8)> = entries(&find_config(&mem))
             .into_iter()
             .filter(|(k, _)| *k == entry::LOCAL_INTERRUPT)
@@ -286,12 +298,12 @@ mod tests {
     fn max_cpus_fit_and_ids_above_254_are_left_out() {
         for (cpus, listed) in [(255u32, 255usize), (256, 255)] {
             let mem = ram();
-            write_tables(&mem, cpus).unwrap();
+            write_tables(&mem, cpus, IOAPIC_VERSION).unwrap();
             let e = entries(&find_config(&mem));
             let n = e.iter().filter(|(k, _)| *k == entry::PROCESSOR).count();
             assert_eq!(n, listed);
             let io = e.iter().find(|(k, _)| *k == entry::IOAPIC).unwrap();
-            assert_eq!(io.1[1], 0, "IOAPIC ID wraps to 0 when the CPUs use 0-254");
+            assert_eq!(io.1[1], 0, "IOAPIC ID 0 at every CPU count");
         }
     }
 }

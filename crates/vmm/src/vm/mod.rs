@@ -176,7 +176,12 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
         .map_err(host("cannot allocate guest memory"))?;
     let boot = loader::load_multiboot(&memory, image, &cfg.cmdline, ram_bytes)
         .map_err(|e| VmError::BadInput(format!("cannot load image: {e}")))?;
-    firmware::write_tables(&memory, cfg.cpus)
+    // The MP table gives the IOAPIC's version: KVM's in-kernel one is 0x11.
+    let ioapic_version = match cfg.mode {
+        IrqchipMode::Kernel => 0x11,
+        IrqchipMode::Split | IrqchipMode::Userspace => firmware::IOAPIC_VERSION,
+    };
+    firmware::write_tables(&memory, cfg.cpus, ioapic_version)
         .map_err(|e| VmError::BadInput(format!("cannot write firmware tables: {e}")))?;
     let serial_out = cfg.serial.open()?;
 
