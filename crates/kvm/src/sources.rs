@@ -12,6 +12,10 @@
 //! - [`Doorbell`]: a guest write to a port or MMIO address signals an
 //!   eventfd inside KVM (`KVM_IOEVENTFD`), without a userspace exit.
 //!
+//! Dropping a handle undoes its binding: the irqfd, ioeventfd or kernel
+//! MSI route goes, a level source's line is lowered, and its line source ID
+//! is free again, so devices can come and go.
+//!
 //! Where KVM can serve a source itself (kernel mode: `KVM_IRQFD`, with
 //! `KVM_IRQFD_FLAG_RESAMPLE` for level sources and an MSI routing entry for
 //! MSI sources), it does. Everywhere else one event-loop thread waits on
@@ -81,8 +85,10 @@ fn host(what: &'static str) -> impl FnOnce(io::Error) -> SourceError {
 /// An edge interrupt source: each [`EdgeSource::trigger`] (or a write to
 /// [`EdgeSource::fd`] from anywhere) pulses the GSI. Triggers that arrive
 /// before the previous one was served coalesce, as edges on a wire do.
+/// Dropping it unbinds it.
 pub struct EdgeSource {
     trigger: EventFd,
+    _binding: Binding,
 }
 
 impl EdgeSource {
@@ -97,9 +103,11 @@ impl EdgeSource {
     }
 }
 
-/// An MSI source: each trigger sends the MSI fixed at creation.
+/// An MSI source: each trigger sends the MSI fixed at creation. Dropping it
+/// unbinds it (and frees its kernel route).
 pub struct MsiSource {
     trigger: EventFd,
+    _binding: Binding,
 }
 
 impl MsiSource {
@@ -117,10 +125,11 @@ impl MsiSource {
 /// A level source with resample: [`LevelSource::assert`] raises the line;
 /// the guest's acknowledgement (EOI) lowers it and signals
 /// [`LevelSource::resample_fd`]. A device that still needs service then
-/// asserts again.
+/// asserts again. Dropping it unbinds it and lowers its line.
 pub struct LevelSource {
     trigger: EventFd,
     resample: Arc<EventFd>,
+    _binding: Binding,
 }
 
 impl LevelSource {
@@ -146,8 +155,10 @@ impl LevelSource {
 }
 
 /// A guest write to a port or MMIO address that wakes a device thread.
+/// Dropping it removes the `KVM_IOEVENTFD`.
 pub struct Doorbell {
     fd: EventFd,
+    _binding: Binding,
 }
 
 impl Doorbell {
@@ -172,6 +183,15 @@ pub enum DoorbellAddress {
     Mmio(u64),
 }
 
+impl DoorbellAddress {
+    fn kvm(self) -> IoEventAddress {
+        match self {
+            Self::Pio(port) => IoEventAddress::Pio(u64::from(port)),
+            Self::Mmio(gpa) => IoEventAddress::Mmio(gpa),
+        }
+    }
+}
+
 /// A binding a backend may take over in the kernel.
 pub struct IrqfdBinding<'a> {
     /// What the trigger means.
@@ -182,21 +202,101 @@ pub struct IrqfdBinding<'a> {
     pub resample: Option<&'a EventFd>,
 }
 
-/// The sources of one VM, and the event loop serving those KVM does not.
-pub struct InterruptSources {
+/// Who serves a source, so that dropping it undoes exactly that.
+enum Served {
+    /// KVM, bound to this GSI.
+    Kernel { gsi: u32 },
+    /// Our event loop, at this token.
+    Loop { token: usize },
+    /// A doorbell's ioeventfd.
+    Doorbell {
+        address: DoorbellAddress,
+        datamatch: Option<u32>,
+    },
+}
+
+/// A handle's registration; undone on drop.
+struct Binding {
+    shared: Arc<Shared>,
+    action: Option<SourceAction>,
+    /// A second descriptor of the trigger (or doorbell) eventfd, for KVM's
+    /// deassign calls, which name the eventfd.
+    fd: EventFd,
+    served: Served,
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let result = match (&self.served, self.action) {
+            (Served::Kernel { gsi }, Some(action)) => {
+                let binding = IrqfdBinding {
+                    action,
+                    trigger: &self.fd,
+                    resample: None,
+                };
+                shared.backend.unbind_irqfd(&binding, *gsi)
+            }
+            (Served::Loop { token }, _) => {
+                let mut state = lock(&shared.state);
+                if let Some(slot) = state.actions.get_mut(*token) {
+                    *slot = None;
+                }
+                state.free_tokens.push(*token);
+                let _ = shared.epoll.ctl(
+                    ControlOperation::Delete,
+                    self.fd.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                if let Some(SourceAction::Level { gsi, source }) = self.action {
+                    shared.backend.unwatch_resample(gsi, source);
+                }
+                Ok(())
+            }
+            (Served::Doorbell { address, datamatch }, _) => {
+                let addr = address.kvm();
+                match datamatch {
+                    None => shared.vm.unregister_ioevent(&self.fd, &addr, NoDatamatch),
+                    Some(value) => shared.vm.unregister_ioevent(&self.fd, &addr, *value),
+                }
+                .map_err(ioctl_err("KVM_IOEVENTFD(DEASSIGN)"))
+            }
+            (Served::Kernel { .. }, None) => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!("releasing an interrupt source: {e}");
+        }
+        if let Some(SourceAction::Edge { source, .. } | SourceAction::Level { source, .. }) =
+            self.action
+        {
+            lock(&shared.free_sources).push(source);
+        }
+    }
+}
+
+/// What the handles and the event loop share.
+struct Shared {
     vm: Arc<VmFd>,
     backend: Arc<dyn IrqchipBackend>,
-    state: Arc<Mutex<LoopState>>,
-    epoll: Arc<Epoll>,
-    stop: Arc<EventFd>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    state: Mutex<LoopState>,
+    epoll: Epoll,
+    stop: EventFd,
+    /// Line source IDs given back by dropped sources.
+    free_sources: Mutex<Vec<SourceId>>,
     next_source: Mutex<u8>,
+}
+
+/// The sources of one VM, and the event loop serving those KVM does not.
+pub struct InterruptSources {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The event loop's table: token `i` (as epoll data) is `actions[i]`.
 #[derive(Default)]
 struct LoopState {
-    actions: Vec<(SourceAction, EventFd)>,
+    actions: Vec<Option<(SourceAction, EventFd)>>,
+    free_tokens: Vec<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -206,6 +306,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Epoll data of the stop eventfd.
 const STOP_TOKEN: u64 = u64::MAX;
 
+fn dup(fd: &EventFd) -> std::result::Result<EventFd, SourceError> {
+    fd.try_clone().map_err(host("eventfd dup"))
+}
+
 impl InterruptSources {
     /// Sources for the VM `vm` whose interrupts go through `backend`
     /// (after its `setup_vm`).
@@ -213,8 +317,8 @@ impl InterruptSources {
         vm: Arc<VmFd>,
         backend: Arc<dyn IrqchipBackend>,
     ) -> std::result::Result<Self, SourceError> {
-        let epoll = Arc::new(Epoll::new().map_err(host("epoll_create"))?);
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?);
+        let epoll = Epoll::new().map_err(host("epoll_create"))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -222,29 +326,34 @@ impl InterruptSources {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(host("epoll_ctl"))?;
-        let state = Arc::new(Mutex::new(LoopState::default()));
+        let shared = Arc::new(Shared {
+            vm,
+            backend,
+            state: Mutex::new(LoopState::default()),
+            epoll,
+            stop,
+            free_sources: Mutex::new(Vec::new()),
+            // 0 is the VMM's own writes, 1 the PIT.
+            next_source: Mutex::new(2),
+        });
         let thread = {
-            let (epoll, stop, state, backend) =
-                (epoll.clone(), stop.clone(), state.clone(), backend.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("virq-sources".into())
-                .spawn(move || event_loop(&epoll, &stop, &state, backend.as_ref()))
+                .spawn(move || event_loop(&shared))
                 .map_err(host("cannot start the source thread"))?
         };
         Ok(InterruptSources {
-            vm,
-            backend,
-            state,
-            epoll,
-            stop,
+            shared,
             thread: Mutex::new(Some(thread)),
-            // 0 is the VMM's own writes, 1 the PIT.
-            next_source: Mutex::new(2),
         })
     }
 
     fn new_source_id(&self) -> std::result::Result<SourceId, SourceError> {
-        let mut next = lock(&self.next_source);
+        if let Some(id) = lock(&self.shared.free_sources).pop() {
+            return Ok(id);
+        }
+        let mut next = lock(&self.shared.next_source);
         let id = SourceId::new(*next).map_err(|_| SourceError::NoSourceId)?;
         *next += 1;
         Ok(id)
@@ -256,24 +365,60 @@ impl InterruptSources {
         action: SourceAction,
         trigger: &EventFd,
         resample: Option<&EventFd>,
-    ) -> std::result::Result<(), SourceError> {
+    ) -> std::result::Result<Binding, SourceError> {
         let binding = IrqfdBinding {
             action,
             trigger,
             resample,
         };
-        if self.backend.bind_irqfd(&binding)? {
-            return Ok(());
+        let served = match self.shared.backend.bind_irqfd(&binding)? {
+            Some(gsi) => Served::Kernel { gsi },
+            None => Served::Loop {
+                token: self.bind_to_loop(action, trigger)?,
+            },
+        };
+        Ok(Binding {
+            shared: self.shared.clone(),
+            action: Some(action),
+            fd: dup(trigger)?,
+            served,
+        })
+    }
+
+    fn bind_to_loop(
+        &self,
+        action: SourceAction,
+        trigger: &EventFd,
+    ) -> std::result::Result<usize, SourceError> {
+        let fd = dup(trigger)?;
+        let mut state = lock(&self.shared.state);
+        let token = state.free_tokens.pop().unwrap_or(state.actions.len());
+        self.shared
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token as u64),
+            )
+            .map_err(host("epoll_ctl"))?;
+        if token == state.actions.len() {
+            state.actions.push(Some((action, fd)));
+        } else if let Some(slot) = state.actions.get_mut(token) {
+            *slot = Some((action, fd));
         }
-        self.bind_to_loop(action, trigger)
+        Ok(token)
     }
 
     /// An edge source on `gsi`.
     pub fn edge(&self, gsi: u32) -> std::result::Result<EdgeSource, SourceError> {
         let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
         let source = self.new_source_id()?;
-        self.bind(SourceAction::Edge { gsi, source }, &trigger, None)?;
-        Ok(EdgeSource { trigger })
+        let binding = self.bind(SourceAction::Edge { gsi, source }, &trigger, None);
+        let binding = binding.inspect_err(|_| lock(&self.shared.free_sources).push(source))?;
+        Ok(EdgeSource {
+            trigger,
+            _binding: binding,
+        })
     }
 
     /// An MSI source sending (`address`, `data`); refused if the MSI
@@ -283,8 +428,11 @@ impl InterruptSources {
             .decode()
             .map_err(SourceError::BadMsi)?;
         let trigger = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-        self.bind(SourceAction::Msi { address, data }, &trigger, None)?;
-        Ok(MsiSource { trigger })
+        let binding = self.bind(SourceAction::Msi { address, data }, &trigger, None)?;
+        Ok(MsiSource {
+            trigger,
+            _binding: binding,
+        })
     }
 
     /// A level source with resample on `gsi`. Route the GSI to a
@@ -295,34 +443,48 @@ impl InterruptSources {
         let resample = Arc::new(EventFd::new(0).map_err(host("eventfd"))?);
         let source = self.new_source_id()?;
         let action = SourceAction::Level { gsi, source };
-        if !self.backend.bind_irqfd(&IrqfdBinding {
-            action,
-            trigger: &trigger,
-            resample: Some(&resample),
-        })? {
-            self.backend.watch_resample(gsi, source, resample.clone())?;
-            self.bind_to_loop(action, &trigger)?;
-        }
-        Ok(LevelSource { trigger, resample })
+        let bound = self.level_binding(action, &trigger, &resample);
+        let binding = bound.inspect_err(|_| lock(&self.shared.free_sources).push(source))?;
+        Ok(LevelSource {
+            trigger,
+            resample,
+            _binding: binding,
+        })
     }
 
-    fn bind_to_loop(
+    fn level_binding(
         &self,
         action: SourceAction,
         trigger: &EventFd,
-    ) -> std::result::Result<(), SourceError> {
-        let fd = trigger.try_clone().map_err(host("eventfd dup"))?;
-        let mut state = lock(&self.state);
-        let token = state.actions.len() as u64;
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(host("epoll_ctl"))?;
-        state.actions.push((action, fd));
-        Ok(())
+        resample: &Arc<EventFd>,
+    ) -> std::result::Result<Binding, SourceError> {
+        let SourceAction::Level { gsi, source } = action else {
+            return Err(SourceError::Kvm(crate::Error::Unsupported(
+                "not a level source",
+            )));
+        };
+        let binding = IrqfdBinding {
+            action,
+            trigger,
+            resample: Some(resample),
+        };
+        let served = match self.shared.backend.bind_irqfd(&binding)? {
+            Some(kernel_gsi) => Served::Kernel { gsi: kernel_gsi },
+            None => {
+                self.shared
+                    .backend
+                    .watch_resample(gsi, source, resample.clone())?;
+                Served::Loop {
+                    token: self.bind_to_loop(action, trigger)?,
+                }
+            }
+        };
+        Ok(Binding {
+            shared: self.shared.clone(),
+            action: Some(action),
+            fd: dup(trigger)?,
+            served,
+        })
     }
 
     /// A doorbell at `address`, rung by a guest write of any value and
@@ -334,21 +496,27 @@ impl InterruptSources {
     ) -> std::result::Result<Doorbell, SourceError> {
         // Blocking, so a device thread can wait on it.
         let fd = EventFd::new(0).map_err(host("eventfd"))?;
-        let addr = match address {
-            DoorbellAddress::Pio(port) => IoEventAddress::Pio(u64::from(port)),
-            DoorbellAddress::Mmio(gpa) => IoEventAddress::Mmio(gpa),
-        };
+        let addr = address.kvm();
         match datamatch {
-            None => self.vm.register_ioevent(&fd, &addr, NoDatamatch),
-            Some(value) => self.vm.register_ioevent(&fd, &addr, value),
+            None => self.shared.vm.register_ioevent(&fd, &addr, NoDatamatch),
+            Some(value) => self.shared.vm.register_ioevent(&fd, &addr, value),
         }
         .map_err(ioctl_err("KVM_IOEVENTFD"))?;
-        Ok(Doorbell { fd })
+        let binding = Binding {
+            shared: self.shared.clone(),
+            action: None,
+            fd: dup(&fd)?,
+            served: Served::Doorbell { address, datamatch },
+        };
+        Ok(Doorbell {
+            fd,
+            _binding: binding,
+        })
     }
 
     /// Stops the event loop (also done on drop).
     pub fn shutdown(&self) {
-        let _ = self.stop.write(1);
+        let _ = self.shared.stop.write(1);
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
@@ -362,15 +530,10 @@ impl Drop for InterruptSources {
 }
 
 /// Serves every trigger bound to the loop until the stop eventfd fires.
-fn event_loop(
-    epoll: &Epoll,
-    stop: &EventFd,
-    state: &Mutex<LoopState>,
-    backend: &dyn IrqchipBackend,
-) {
+fn event_loop(shared: &Shared) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match shared.epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -381,12 +544,12 @@ fn event_loop(
         for event in events.iter().take(n) {
             let token = event.data();
             if token == STOP_TOKEN {
-                let _ = stop.read();
+                let _ = shared.stop.read();
                 return;
             }
             let action = {
-                let state = lock(state);
-                let Some((action, fd)) = state.actions.get(token as usize) else {
+                let state = lock(&shared.state);
+                let Some(Some((action, fd))) = state.actions.get(token as usize) else {
                     continue;
                 };
                 // Non-blocking: a spurious wake-up reads nothing.
@@ -395,7 +558,7 @@ fn event_loop(
                 }
                 *action
             };
-            if let Err(e) = serve(backend, action) {
+            if let Err(e) = serve(shared.backend.as_ref(), action) {
                 tracing::warn!("interrupt source {action:?}: {e}");
             }
         }
@@ -571,6 +734,50 @@ mod tests {
         );
         let _level = m.sources.level(19).expect("KVM_IRQFD with resample");
         let _edge = m.sources.edge(10).expect("KVM_IRQFD");
+    }
+
+    #[test]
+    fn dropped_sources_give_their_ids_and_kernel_routes_back() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let user = machine(true);
+        // 62 line source IDs exist; without release this would run out.
+        for _ in 0..200 {
+            drop(user.sources.edge(10).expect("edge source"));
+            drop(user.sources.level(19).expect("level source"));
+        }
+        let kernel = machine(false);
+        // KVM takes at most 4096 routes; without release this would fail.
+        for i in 0..5000u32 {
+            let msi = kernel.sources.msi(0xFEE0_0000, 0x40 + i % 64);
+            drop(msi.expect("MSI source"));
+        }
+        for _ in 0..100 {
+            drop(kernel.sources.edge(10).expect("edge source"));
+            drop(kernel.sources.level(19).expect("level source"));
+            drop(
+                kernel
+                    .sources
+                    .doorbell(DoorbellAddress::Pio(0x2510), None)
+                    .expect("doorbell"),
+            );
+        }
+    }
+
+    #[test]
+    fn a_dropped_level_source_lowers_its_line() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let m = machine(true);
+        m.route(19, 0x61, true);
+        let level = m.sources.level(19).expect("level source");
+        level.assert().expect("assert");
+        assert!(m.arrives(0x61));
+        drop(level);
+        m.write32(IOAPIC + 0x40, 0x61);
+        assert!(!m.remote_irr(19), "the line went low with the source");
     }
 
     #[test]

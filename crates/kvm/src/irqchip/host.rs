@@ -62,7 +62,7 @@ struct Inner {
     timer_cv: Condvar,
     external: Option<ExternalSink>,
     /// Resample eventfds of level sources, by GSI: written on each ack.
-    resamplers: Mutex<Vec<(u32, Arc<EventFd>)>>,
+    resamplers: Mutex<Vec<(u32, SourceId, Arc<EventFd>)>>,
 }
 
 /// The chipset, its clock, timers and vCPU wake-ups for one VM.
@@ -128,8 +128,18 @@ impl ChipHost {
     /// Makes `source` on `gsi` a resampled level source whose acks are
     /// reported on `resample`.
     pub fn watch_resample(&self, gsi: u32, source: SourceId, resample: Arc<EventFd>) {
-        lock(&self.inner.resamplers).push((gsi, resample));
+        lock(&self.inner.resamplers).push((gsi, source, resample));
         self.with_chip(None, false, |c, _| c.set_resample(gsi, source, true));
+    }
+
+    /// Undoes [`ChipHost::watch_resample`] and lowers the source, so a
+    /// device that goes away does not hold its line.
+    pub fn unwatch_resample(&self, gsi: u32, source: SourceId) {
+        lock(&self.inner.resamplers).retain(|(g, s, _)| (*g, *s) != (gsi, source));
+        self.with_chip(None, true, |c, now| {
+            c.set_resample(gsi, source, false);
+            c.set_gsi(gsi, source, false, now);
+        });
     }
 
     /// Registers vCPU `index`'s kick handle.
@@ -251,7 +261,7 @@ impl Inner {
 
     /// Tells the level sources on `gsi` that the guest acknowledged it.
     fn resampled(&self, gsi: u32) {
-        for (g, fd) in lock(&self.resamplers).iter() {
+        for (g, _, fd) in lock(&self.resamplers).iter() {
             if *g == gsi {
                 if let Err(e) = fd.write(1) {
                     tracing::warn!("resample eventfd of GSI {gsi}: {e}");

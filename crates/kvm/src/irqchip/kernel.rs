@@ -95,7 +95,8 @@ impl KernelIrqchip {
             .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))
     }
 
-    /// A GSI whose only route is this MSI, for an irqfd.
+    /// A GSI whose only route is this MSI, for an irqfd: the lowest one
+    /// from [`FIRST_MSI_GSI`] that no other MSI source holds.
     fn add_msi_route(&self, address: u64, data: u32) -> Result<u32> {
         // KVM would deliver whatever the route says; the other modes drop
         // what our decoder rejects, so refuse such a source here.
@@ -105,7 +106,9 @@ impl KernelIrqchip {
             ));
         }
         let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
-        let gsi = FIRST_MSI_GSI + routes.len() as u32;
+        let gsi = (FIRST_MSI_GSI..)
+            .find(|g| routes.iter().all(|r| r.gsi != *g))
+            .unwrap_or(FIRST_MSI_GSI);
         routes.push(kvm_irq_routing_entry {
             gsi,
             type_: KVM_IRQ_ROUTING_MSI,
@@ -125,6 +128,13 @@ impl KernelIrqchip {
             return Err(e);
         }
         Ok(gsi)
+    }
+
+    /// Frees an MSI source's GSI.
+    fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+        let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|r| r.gsi != gsi);
+        self.set_routing(&routes)
     }
 }
 
@@ -178,27 +188,45 @@ impl IrqchipBackend for KernelIrqchip {
             .map_err(ioctl_err("KVM_IRQ_LINE"))
     }
 
-    fn bind_irqfd(&self, binding: &IrqfdBinding<'_>) -> Result<bool> {
-        match (binding.action, binding.resample) {
-            (SourceAction::Edge { gsi, .. }, _) => self
-                .vm
-                .register_irqfd(binding.trigger, gsi)
-                .map_err(ioctl_err("KVM_IRQFD")),
-            (SourceAction::Level { gsi, .. }, Some(resample)) => self
-                .vm
-                .register_irqfd_with_resample(binding.trigger, resample, gsi)
-                .map_err(ioctl_err("KVM_IRQFD(RESAMPLE)")),
-            (SourceAction::Level { .. }, None) => Err(crate::Error::Unsupported(
-                "a level source needs a resample eventfd",
-            )),
-            (SourceAction::Msi { address, data }, _) => {
-                let gsi = self.add_msi_route(address, data)?;
+    fn bind_irqfd(&self, binding: &IrqfdBinding<'_>) -> Result<Option<u32>> {
+        let gsi = match (binding.action, binding.resample) {
+            (SourceAction::Edge { gsi, .. }, _) => {
                 self.vm
                     .register_irqfd(binding.trigger, gsi)
-                    .map_err(ioctl_err("KVM_IRQFD"))
+                    .map_err(ioctl_err("KVM_IRQFD"))?;
+                gsi
             }
-        }?;
-        Ok(true)
+            (SourceAction::Level { gsi, .. }, Some(resample)) => {
+                self.vm
+                    .register_irqfd_with_resample(binding.trigger, resample, gsi)
+                    .map_err(ioctl_err("KVM_IRQFD(RESAMPLE)"))?;
+                gsi
+            }
+            (SourceAction::Level { .. }, None) => {
+                return Err(crate::Error::Unsupported(
+                    "a level source needs a resample eventfd",
+                ))
+            }
+            (SourceAction::Msi { address, data }, _) => {
+                let gsi = self.add_msi_route(address, data)?;
+                if let Err(e) = self.vm.register_irqfd(binding.trigger, gsi) {
+                    let _ = self.remove_msi_route(gsi);
+                    return Err(ioctl_err("KVM_IRQFD")(e));
+                }
+                gsi
+            }
+        };
+        Ok(Some(gsi))
+    }
+
+    fn unbind_irqfd(&self, binding: &IrqfdBinding<'_>, gsi: u32) -> Result<()> {
+        self.vm
+            .unregister_irqfd(binding.trigger, gsi)
+            .map_err(ioctl_err("KVM_IRQFD(DEASSIGN)"))?;
+        if matches!(binding.action, SourceAction::Msi { .. }) {
+            self.remove_msi_route(gsi)?;
+        }
+        Ok(())
     }
 
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {

@@ -235,10 +235,16 @@ pub trait IrqchipBackend: Send + Sync {
         self.set_gsi(gsi, level)
     }
 
-    /// Lets KVM serve an interrupt source itself (`KVM_IRQFD`); `Ok(false)`
-    /// when this mode serves it in userspace instead.
-    fn bind_irqfd(&self, _binding: &IrqfdBinding<'_>) -> Result<bool> {
-        Ok(false)
+    /// Lets KVM serve an interrupt source itself (`KVM_IRQFD`): `Ok(Some(gsi))`
+    /// with the GSI it is bound to, `Ok(None)` when this mode serves it in
+    /// userspace instead.
+    fn bind_irqfd(&self, _binding: &IrqfdBinding<'_>) -> Result<Option<u32>> {
+        Ok(None)
+    }
+
+    /// Undoes a [`IrqchipBackend::bind_irqfd`] that returned `gsi`.
+    fn unbind_irqfd(&self, _binding: &IrqfdBinding<'_>, _gsi: u32) -> Result<()> {
+        Ok(())
     }
 
     /// Makes `source` on `gsi` a resampled level source: the chipset lowers
@@ -248,6 +254,9 @@ pub trait IrqchipBackend: Send + Sync {
             "level sources with resample need an interrupt controller",
         ))
     }
+
+    /// Undoes [`IrqchipBackend::watch_resample`] and lowers the source.
+    fn unwatch_resample(&self, _gsi: u32, _source: SourceId) {}
 
     /// Wakes vCPU `vcpu` if it waits inside [`IrqchipBackend::on_hlt`].
     fn wake(&self, _vcpu: u32) {}

@@ -318,6 +318,10 @@ impl IrqchipBackend for SplitIrqchip {
         Ok(())
     }
 
+    fn unwatch_resample(&self, gsi: u32, source: SourceId) {
+        self.host.unwatch_resample(gsi, source);
+    }
+
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {
         self.host.send_msi(address, data);
         Ok(())

@@ -428,6 +428,10 @@ impl IrqchipBackend for UserspaceIrqchip {
         Ok(())
     }
 
+    fn unwatch_resample(&self, gsi: u32, source: SourceId) {
+        self.host.unwatch_resample(gsi, source);
+    }
+
     fn send_msi(&self, address: u64, data: u32) -> Result<()> {
         self.host.send_msi(address, data);
         Ok(())
