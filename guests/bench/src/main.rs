@@ -19,7 +19,8 @@
 //!   without the device).
 //!
 //! `only=<figure>` on the command line measures that figure alone (the VMM
-//! uses it to count exits per interrupt); `only=none` measures nothing.
+//! uses it to count exits per interrupt); `only=none` measures nothing;
+//! `samples=N` (1-1000, default 200) sets the samples per figure.
 //! Ring-0 code may be emulated by the host, so the measured paths are kept to
 //! a few instructions, and sample counts are small.
 #![no_std]
@@ -34,8 +35,17 @@ use guest_runtime::serial::Line;
 use guest_runtime::time::{self, Deadline, WATCHDOG_VECTOR};
 use guest_runtime::{entry, smp, Boot};
 
-/// Samples per figure.
-const SAMPLES: usize = 200;
+/// Samples per figure, unless `samples=N` on the command line says otherwise.
+const DEFAULT_SAMPLES: usize = 200;
+/// Most samples per figure.
+const MAX_SAMPLES: usize = 1000;
+
+/// Samples per figure for this run.
+static SAMPLES: AtomicU32 = AtomicU32::new(DEFAULT_SAMPLES as u32);
+
+fn samples() -> usize {
+    SAMPLES.load(Ordering::Relaxed) as usize
+}
 /// Longest wait for one sample.
 const SAMPLE_TIMEOUT_US: u64 = 200_000;
 /// Period of the watchdog that ends a HLT whose interrupt never comes.
@@ -84,20 +94,20 @@ fn stamp(_: &mut InterruptFrame) {
 
 /// The figures' sample buffer.
 struct Samples {
-    v: [u64; SAMPLES],
+    v: [u64; MAX_SAMPLES],
     n: usize,
 }
 
 impl Samples {
     const fn new() -> Self {
         Samples {
-            v: [0; SAMPLES],
+            v: [0; MAX_SAMPLES],
             n: 0,
         }
     }
 
     fn push(&mut self, ticks: u64) {
-        if self.n < SAMPLES {
+        if self.n < MAX_SAMPLES {
             self.v[self.n] = ticks;
             self.n += 1;
         }
@@ -177,13 +187,13 @@ fn interrupt_sample(mut action: impl FnMut()) -> Option<u64> {
     end.map(|at| at.saturating_sub(start))
 }
 
-/// Runs `SAMPLES` interrupt samples and reports them; stops at the first
+/// Runs the run's number of interrupt samples and reports them; stops at the first
 /// that times out. A slow periodic LAPIC timer is the watchdog for the whole
 /// figure, so no sample pays for arming one.
 fn interrupt_figure(name: &str, mut action: impl FnMut(usize)) {
     let mut s = Samples::new();
     lapic::timer_periodic(WATCHDOG_VECTOR, time::lapic_ticks(WATCHDOG_US));
-    for i in 0..SAMPLES {
+    for i in 0..samples() {
         match interrupt_sample(|| action(i)) {
             Some(t) => s.push(t),
             None => {
@@ -200,7 +210,7 @@ fn interrupt_figure(name: &str, mut action: impl FnMut(usize)) {
 fn exit_floor() {
     let mut s = Samples::new();
     cli();
-    for _ in 0..SAMPLES {
+    for _ in 0..samples() {
         let start = rdtsc();
         outb(FLOOR_PORT, 0);
         s.push(rdtsc().saturating_sub(start));
@@ -225,7 +235,7 @@ fn ipi(ap: Option<usize>) {
     let dest = cpu::apic_id_of(ap);
     let mut s = Samples::new();
     cli();
-    for _ in 0..SAMPLES {
+    for _ in 0..samples() {
         HANDLED_AT.store(0, Ordering::Release);
         let deadline = Deadline::after_us(SAMPLE_TIMEOUT_US);
         let start = rdtsc();
@@ -284,28 +294,41 @@ fn device_msi() {
     });
 }
 
-/// The value of `only=` on the command line, if any.
-fn only(boot: &Boot) -> Option<&str> {
+/// The value of `key=` on the command line, if any.
+fn option<'a>(boot: &'a Boot, key: &str) -> Option<&'a str> {
     boot.multiboot
         .cmdline()
         .split(' ')
-        .find_map(|w| w.strip_prefix("only="))
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// A decimal number, if `s` is one.
+fn number(s: &str) -> Option<usize> {
+    if s.is_empty() || s.len() > 6 {
+        return None;
+    }
+    s.bytes().try_fold(0usize, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + usize::from(b - b'0'))
+    })
 }
 
 fn main(boot: &'static Boot) -> ! {
     for v in [V_SELF, V_IPI, V_MSI, V_RING] {
         cpu::set_handler(v, stamp);
     }
+    if let Some(n) = option(boot, "samples").and_then(number) {
+        SAMPLES.store(n.clamp(1, MAX_SAMPLES) as u32, Ordering::Relaxed);
+    }
     let ap = start_ap(boot);
     Line::new()
         .s("# bench guest: cpus=")
         .u(boot.platform.cpu_count as u64)
         .s(" samples=")
-        .u(SAMPLES as u64)
+        .u(samples() as u64)
         .s(" tsc_per_ms=")
         .u(time::tsc_per_ms())
         .print();
-    let only = only(boot);
+    let only = option(boot, "only");
     let wanted = |name: &str| only.is_none_or(|o| o == name);
     if wanted("exit-floor") {
         exit_floor();
