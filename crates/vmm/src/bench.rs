@@ -598,10 +598,9 @@ pub fn render_table(r: &Report) -> String {
     }
     for cell in &r.cells {
         if let Some(why) = &cell.skipped {
-            if r.configs
-                .iter()
-                .any(|c| c.name == cell.config && c.failure.is_none())
-            {
+            if r.configs.iter().any(|c| {
+                c.name == cell.config && c.failure.is_none() && c.note.as_ref() != Some(why)
+            }) {
                 notes.push(format!("{} in {}: {why}", cell.figure, cell.config));
             }
         }
@@ -630,14 +629,17 @@ pub fn render_svg(r: &Report) -> String {
         "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     ];
     let (w, h) = (900.0_f64, 420.0_f64);
-    let (left, right, top, bottom) = (60.0, 20.0, 40.0, 90.0);
+    let (left, right, top, bottom) = (60.0, 20.0, 50.0, 80.0);
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
+    // Scaled to the p50s: one slow p99 must not flatten every bar; p99
+    // lines above the top are cut there and labelled with their value.
     let max = r
         .cells
         .iter()
-        .filter_map(|c| c.p99_us.or(c.p50_us))
-        .fold(1.0_f64, f64::max);
+        .filter_map(|c| c.p50_us)
+        .fold(1.0_f64, f64::max)
+        * 1.6;
     // A round axis top: 1, 2 or 5 times a power of ten.
     let mag = 10f64.powf(max.log10().floor());
     let scale = [1.0, 2.0, 5.0, 10.0]
@@ -651,7 +653,7 @@ pub fn render_svg(r: &Report) -> String {
     );
     s += &format!("<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n");
     s += &format!(
-        "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">interrupt delivery latency, us (bar: p50, line: p99; {} round(s))</text>\n",
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">interrupt delivery latency, us (bar: p50, line: p99; {} round(s))</text>\n",
         w / 2.0,
         r.rounds
     );
@@ -698,8 +700,14 @@ pub fn render_svg(r: &Report) -> String {
                     s += &format!(
                         "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
                         y(p50),
-                        y(p99)
+                        y(p99.min(scale))
                     );
+                    if p99 > scale {
+                        s += &format!(
+                            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{p99:.0}</text>\n",
+                            top - 4.0 - 10.0 * (ci % 2) as f64
+                        );
+                    }
                 }
             }
         }
