@@ -304,6 +304,13 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     } else {
         qemu_installed()
     };
+    // Fail on unwritable outputs before spending the runs.
+    for path in [&args.json, &args.svg] {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
     let mut configs: Vec<Config> = IrqchipMode::ALL.iter().map(|&m| Config::Virq(m)).collect();
     let mut qemu_image = None;
     if with_qemu {
