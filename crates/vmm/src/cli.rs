@@ -31,6 +31,9 @@ pub enum Command {
     /// Run the built-in demo guest on 2 vCPUs in every irqchip mode and
     /// print one table.
     Demo(DemoArgs),
+    /// Measure interrupt delivery with the benchmark guest in every irqchip
+    /// mode (and under QEMU when installed), interleaved, and print one table.
+    Bench(BenchArgs),
 }
 
 /// The irqchip mode, as the command line spells it.
@@ -120,6 +123,47 @@ pub struct DemoArgs {
     /// Write every mode's statistics as a JSON array to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
+}
+
+/// `virq bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Rounds: each runs every configuration once, in turn (1-100).
+    #[arg(long, default_value_t = 3, value_parser = parse_rounds)]
+    pub rounds: u32,
+    /// Also run QEMU (`-accel kvm`, kernel_irqchip=on/split/off); the
+    /// default when qemu-system-x86_64 is installed.
+    #[arg(long, conflicts_with = "no_qemu")]
+    pub with_qemu: bool,
+    /// Do not run QEMU.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Write every figure as JSON to this file.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    pub json: PathBuf,
+    /// Draw the figures as an SVG bar chart in this file.
+    #[arg(long, default_value = "target/bench/bench.svg")]
+    pub svg: PathBuf,
+    /// Stop each run after this many seconds.
+    #[arg(long, value_parser = parse_timeout, default_value = "60")]
+    pub timeout: Duration,
+    /// Also show the guest's serial output on stdout.
+    #[arg(long)]
+    pub show_serial: bool,
+}
+
+/// Most `--rounds`.
+pub const MAX_ROUNDS: u32 = 100;
+
+fn parse_rounds(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of rounds"))?;
+    if (1..=MAX_ROUNDS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} rounds: must be 1 to {MAX_ROUNDS}"))
+    }
 }
 
 fn parse_cpus(s: &str) -> Result<u32, String> {
@@ -246,6 +290,27 @@ mod tests {
             let (code, text) = run_args(args).unwrap_err();
             assert_eq!(code, 2, "{args:?}");
             assert!(text.starts_with("virq: "), "{text}");
+            assert_eq!(text.lines().count(), 1, "{text}");
+        }
+    }
+
+    #[test]
+    fn bench_flags() {
+        let cli = parse(["virq", "bench", "--rounds", "1", "--no-qemu", "--json", "f"]).unwrap();
+        let Some(Command::Bench(b)) = cli.command else {
+            panic!("not a bench");
+        };
+        assert_eq!(b.rounds, 1);
+        assert!(b.no_qemu && !b.with_qemu);
+        assert_eq!(b.json, PathBuf::from("f"));
+        for args in [
+            &["virq", "bench", "--rounds", "0"][..],
+            &["virq", "bench", "--rounds", "x"],
+            &["virq", "bench", "--with-qemu", "--no-qemu"],
+            &["virq", "bench", "--bogus"],
+        ] {
+            let (code, text) = parse(args.iter().copied()).unwrap_err();
+            assert_eq!(code, 2, "{args:?}");
             assert_eq!(text.lines().count(), 1, "{text}");
         }
     }

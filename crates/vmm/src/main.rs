@@ -1,6 +1,8 @@
 //! `virq`: run a multiboot guest on KVM, or the built-in demo in every
 //! irqchip mode. See `virq --help`.
 
+mod bench;
+
 use std::process::ExitCode;
 use virq::pit::LostTickPolicy;
 use virq_kvm::IrqchipMode;
@@ -29,6 +31,13 @@ fn main() -> ExitCode {
         Ok(c) => match c.command {
             Some(Command::Run(args)) => run(args),
             Some(Command::Demo(args)) => demo(args),
+            Some(Command::Bench(args)) => match bench::run(&args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("virq: bench: {e:#}");
+                    1
+                }
+            },
             None => demo(DemoArgs {
                 timeout: Some(std::time::Duration::from_secs(60)),
                 ..Default::default()

@@ -1,0 +1,781 @@
+//! `virq bench`: runs the benchmark guest (guests/bench) in virq's three
+//! irqchip modes and, when asked, under QEMU with KVM's in-kernel irqchip,
+//! the split one and QEMU's own devices; rounds interleave every
+//! configuration so the figures stay comparable as ratios on a noisy host.
+//! Prints one table, writes JSON and draws an SVG bar chart.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use virq::pit::LostTickPolicy;
+use virq_kvm::{ExitCounts, IrqchipMode};
+use virq_vmm::cli::BenchArgs;
+use virq_vmm::vm::{self, SerialOut, VmConfig};
+
+/// The benchmark guest (ELF32, the image QEMU runs too).
+const BENCH_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench-guest.elf"));
+
+/// Figures, in the guest's order.
+pub const FIGURES: &[&str] = &["exit-floor", "self-ipi", "ipi", "msi-testdev", "device-msi"];
+
+/// Samples of the runs that count exits: many, so the exits of booting
+/// (which vary with timing, e.g. polling the PIT) matter little per sample.
+const EXIT_SAMPLES: u64 = 1000;
+/// vCPUs of the benchmark machine.
+const CPUS: u32 = 2;
+/// RAM of the benchmark machine, in MiB.
+const MEMORY_MIB: u64 = 64;
+/// QEMU's CPU model on these hosts (see conformance.rs).
+const QEMU_CPU: &str = "host,-arch-capabilities,-kvm-asyncpf-int";
+/// QEMU's binary.
+const QEMU: &str = "qemu-system-x86_64";
+
+/// One configuration of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Config {
+    Virq(IrqchipMode),
+    /// QEMU -accel kvm with this kernel_irqchip value.
+    Qemu(&'static str),
+}
+
+impl Config {
+    fn name(self) -> String {
+        match self {
+            Config::Virq(m) => format!("virq-{}", m.name()),
+            Config::Qemu(k) => format!("qemu-{k}"),
+        }
+    }
+
+    fn cpus(self) -> u32 {
+        match self {
+            // QEMU cannot run two vCPUs with its own irqchip on these hosts.
+            Config::Qemu("off") => 1,
+            _ => CPUS,
+        }
+    }
+
+    fn note(self) -> Option<&'static str> {
+        match self {
+            Config::Qemu("off") => {
+                Some("QEMU's own irqchip does not run 2 vCPUs on this host: 1 vCPU, no IPI figure")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One `BENCH` line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Line {
+    /// Measured: samples, p50 and p99 in ns.
+    Figure {
+        name: String,
+        n: u64,
+        p50_ns: f64,
+        p99_ns: f64,
+    },
+    /// Not measured, and why.
+    Skip { name: String, reason: String },
+}
+
+/// Parses the guest's `BENCH` lines; other lines are ignored.
+pub fn parse_lines(console: &str) -> Vec<Line> {
+    let mut out = Vec::new();
+    for line in console.lines() {
+        let Some(rest) = line.trim_end().strip_prefix("BENCH ") else {
+            continue;
+        };
+        let fields: BTreeMap<&str, &str> = rest
+            .split(' ')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let Some(name) = fields.get("name") else {
+            continue;
+        };
+        if let Some(reason) = fields.get("skip") {
+            out.push(Line::Skip {
+                name: name.to_string(),
+                reason: reason.replace('-', " "),
+            });
+            continue;
+        }
+        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(n), Some(p50), Some(p99), Some(tsc)) =
+            (num("n"), num("p50"), num("p99"), num("tsc_per_ms"))
+        {
+            if tsc == 0 || n == 0 {
+                continue;
+            }
+            let ns = |ticks: u64| ticks as f64 * 1e6 / tsc as f64;
+            out.push(Line::Figure {
+                name: name.to_string(),
+                n,
+                p50_ns: ns(p50),
+                p99_ns: ns(p99),
+            });
+        }
+    }
+    out
+}
+
+/// One round's result of one figure in one configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundFigure {
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Userspace-visible VM exits per sample of one figure (virq only).
+#[derive(Clone, Debug, Serialize)]
+pub struct ExitsPerSample {
+    pub total: f64,
+    pub by_reason: BTreeMap<String, f64>,
+}
+
+/// One cell of the table.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cell {
+    pub figure: String,
+    pub config: String,
+    pub samples: u64,
+    /// Median over rounds of each round's p50, in us.
+    pub p50_us: Option<f64>,
+    /// Median over rounds of each round's p99, in us.
+    pub p99_us: Option<f64>,
+    /// p50 divided by virq-kernel's p50.
+    pub p50_vs_virq_kernel: Option<f64>,
+    pub rounds: Vec<RoundFigure>,
+    pub exits_per_sample: Option<ExitsPerSample>,
+    pub skipped: Option<String>,
+}
+
+/// Everything `--json` writes.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub rounds: u32,
+    pub configs: Vec<ConfigReport>,
+    pub figures: Vec<String>,
+    pub cells: Vec<Cell>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigReport {
+    pub name: String,
+    pub cpus: u32,
+    pub note: Option<String>,
+    /// Why it did not run at all (every round failed).
+    pub failure: Option<String>,
+}
+
+/// What one run of the guest gave.
+struct Run {
+    lines: Vec<Line>,
+    exits: Option<ExitCounts>,
+}
+
+fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
+    let cfg = VmConfig {
+        mode,
+        cpus: CPUS,
+        ram_mib: MEMORY_MIB,
+        timeout: Some(args.timeout),
+        cmdline: cmdline.to_string(),
+        serial: if args.show_serial {
+            SerialOut::Stdout
+        } else {
+            SerialOut::Discard
+        },
+        pit_lost_ticks: LostTickPolicy::Reinject,
+        lapic_lost_ticks: LostTickPolicy::Discard,
+    };
+    let r = vm::run_image(&cfg, BENCH_IMAGE)?;
+    if r.exit_code != 1 {
+        bail!(
+            "the guest did not finish ({})",
+            r.failure.unwrap_or_else(|| r.stats.cause.clone())
+        );
+    }
+    // The guest's serial output costs two port exits a byte (LSR, THR);
+    // runs print different lines, so leave it out of the comparison.
+    let mut exits = r.stats.exits;
+    exits.io = exits.io.saturating_sub(2 * r.console.len() as u64);
+    Ok(Run {
+        lines: parse_lines(&r.console),
+        exits: Some(exits),
+    })
+}
+
+fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> Result<Run> {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-accel", "kvm", "-cpu", QEMU_CPU, "-machine"])
+        .arg(format!("kernel_irqchip={kernel_irqchip}"))
+        .args([
+            "-m", "64", "-display", "none", "-serial", "stdio", "-monitor", "none",
+        ])
+        .args(["-no-reboot", "-smp"])
+        .arg(cpus.to_string())
+        .arg("-kernel")
+        .arg(image)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {QEMU}"))?;
+    let mut stdout = child.stdout.take().context("no QEMU stdout")?;
+    let mut stderr = child.stderr.take().context("no QEMU stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if start.elapsed() > args.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if args.show_serial {
+        print!("{out}");
+    }
+    match status {
+        None => bail!("QEMU did not finish within {:?}", args.timeout),
+        // isa-debug-exit: (0 << 1) | 1.
+        Some(s) if s.code() == Some(1) => {}
+        Some(s) => bail!(
+            "QEMU ended with {s}: {}",
+            err.lines().next().unwrap_or("no message")
+        ),
+    }
+    Ok(Run {
+        lines: parse_lines(&out),
+        exits: None,
+    })
+}
+
+/// Whether QEMU is installed.
+pub fn qemu_installed() -> bool {
+    Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+/// Runs the benchmark; returns the process exit status.
+pub fn run(args: &BenchArgs) -> Result<i32> {
+    let with_qemu = if args.no_qemu {
+        false
+    } else if args.with_qemu {
+        if !qemu_installed() {
+            bail!("--with-qemu: {QEMU} is not installed");
+        }
+        true
+    } else {
+        qemu_installed()
+    };
+    // Fail on unwritable outputs before spending the runs.
+    for path in [&args.json, &args.svg] {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    let mut configs: Vec<Config> = IrqchipMode::ALL.iter().map(|&m| Config::Virq(m)).collect();
+    let mut qemu_image = None;
+    if with_qemu {
+        configs.extend(["on", "split", "off"].map(Config::Qemu));
+        let dir = args
+            .json
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("bench-guest.elf32");
+        std::fs::write(&path, BENCH_IMAGE)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        qemu_image = Some(path);
+    }
+
+    // (config index, figure) -> per-round results / skip reasons.
+    let mut rounds: BTreeMap<(usize, String), Vec<RoundFigure>> = BTreeMap::new();
+    let mut samples: BTreeMap<(usize, String), u64> = BTreeMap::new();
+    let mut skips: BTreeMap<(usize, String), String> = BTreeMap::new();
+    let mut exits: BTreeMap<(usize, String), Vec<ExitCounts>> = BTreeMap::new();
+    let mut baseline: BTreeMap<usize, Vec<ExitCounts>> = BTreeMap::new();
+    let mut failures: BTreeMap<usize, String> = BTreeMap::new();
+
+    for round in 0..args.rounds {
+        for (ci, &config) in configs.iter().enumerate() {
+            eprint!(
+                "\rround {}/{}: {:<16}",
+                round + 1,
+                args.rounds,
+                config.name()
+            );
+            let result = match config {
+                Config::Virq(mode) => virq_run(mode, "", args),
+                Config::Qemu(k) => match &qemu_image {
+                    Some(image) => qemu_run(k, config.cpus(), image, args),
+                    None => Err(anyhow::anyhow!("no QEMU image")),
+                },
+            };
+            let run = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(config = config.name(), "run failed: {e:#}");
+                    failures.insert(ci, format!("{e:#}"));
+                    continue;
+                }
+            };
+            for line in run.lines {
+                match line {
+                    Line::Figure {
+                        name,
+                        n,
+                        p50_ns,
+                        p99_ns,
+                    } => {
+                        samples.insert((ci, name.clone()), n);
+                        rounds.entry((ci, name)).or_default().push(RoundFigure {
+                            p50_us: p50_ns / 1000.0,
+                            p99_us: p99_ns / 1000.0,
+                        });
+                    }
+                    Line::Skip { name, reason } => {
+                        let reason = match config.note() {
+                            Some(note) if name == "ipi" => note.to_string(),
+                            _ => reason,
+                        };
+                        skips.insert((ci, name), reason);
+                    }
+                }
+            }
+            // Exits per sample: one run per figure against a run that
+            // measures nothing (same boot, same output but the lines).
+            if let Config::Virq(mode) = config {
+                match virq_run(mode, &format!("only=none samples={EXIT_SAMPLES}"), args) {
+                    Ok(r) => baseline.entry(ci).or_default().extend(r.exits),
+                    Err(e) => tracing::warn!("baseline run failed: {e:#}"),
+                }
+                for figure in FIGURES {
+                    let cmdline = format!("only={figure} samples={EXIT_SAMPLES}");
+                    match virq_run(mode, &cmdline, args) {
+                        Ok(r) => exits
+                            .entry((ci, figure.to_string()))
+                            .or_default()
+                            .extend(r.exits),
+                        Err(e) => tracing::warn!("exit-count run failed: {e:#}"),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("\r{:<40}", "");
+
+    let mut cells = Vec::new();
+    for figure in FIGURES {
+        for (ci, &config) in configs.iter().enumerate() {
+            let key = (ci, figure.to_string());
+            let rs = rounds.get(&key).cloned().unwrap_or_default();
+            let p50 = median(&mut rs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
+            let p99 = median(&mut rs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
+            let n = samples.get(&key).copied().unwrap_or(0);
+            let exits_per_sample = match (exits.get(&key), baseline.get(&ci)) {
+                (Some(e), Some(b)) if !e.is_empty() && !b.is_empty() => {
+                    Some(exits_per(e, b, EXIT_SAMPLES))
+                }
+                _ => None,
+            };
+            let skipped = if p50.is_some() {
+                None
+            } else {
+                Some(
+                    skips
+                        .get(&key)
+                        .or_else(|| failures.get(&ci))
+                        .cloned()
+                        .unwrap_or_else(|| "no result".to_string()),
+                )
+            };
+            cells.push(Cell {
+                figure: figure.to_string(),
+                config: config.name(),
+                samples: n,
+                p50_us: p50,
+                p99_us: p99,
+                p50_vs_virq_kernel: None,
+                rounds: rs,
+                exits_per_sample,
+                skipped,
+            });
+        }
+    }
+    let kernel_name = Config::Virq(IrqchipMode::Kernel).name();
+    let kernel: BTreeMap<String, f64> = cells
+        .iter()
+        .filter(|c| c.config == kernel_name)
+        .filter_map(|c| c.p50_us.map(|p| (c.figure.clone(), p)))
+        .collect();
+    for c in &mut cells {
+        if let (Some(p), Some(k)) = (c.p50_us, kernel.get(&c.figure)) {
+            if *k > 0.0 {
+                c.p50_vs_virq_kernel = Some(p / k);
+            }
+        }
+    }
+    let report = Report {
+        rounds: args.rounds,
+        configs: configs
+            .iter()
+            .enumerate()
+            .map(|(ci, &c)| ConfigReport {
+                name: c.name(),
+                cpus: c.cpus(),
+                note: c.note().map(str::to_string),
+                failure: if rounds.keys().any(|(i, _)| *i == ci) {
+                    None
+                } else {
+                    failures.get(&ci).cloned()
+                },
+            })
+            .collect(),
+        figures: FIGURES.iter().map(|f| f.to_string()).collect(),
+        cells,
+    };
+    print!("{}", render_table(&report));
+    write_file(&args.json, &(serde_json::to_string_pretty(&report)? + "\n"))?;
+    write_file(&args.svg, &render_svg(&report))?;
+    println!(
+        "JSON: {}  chart: {}",
+        args.json.display(),
+        args.svg.display()
+    );
+    // Every configuration must have produced figures.
+    Ok(if report.configs.iter().any(|c| c.failure.is_some()) {
+        1
+    } else {
+        0
+    })
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Median exits of the figure's runs minus the median of the baseline runs,
+/// per sample.
+fn exits_per(runs: &[ExitCounts], base: &[ExitCounts], n: u64) -> ExitsPerSample {
+    let per = |pick: &dyn Fn(&ExitCounts) -> u64| {
+        let f = median(&mut runs.iter().map(|e| pick(e) as f64).collect::<Vec<_>>());
+        let b = median(&mut base.iter().map(|e| pick(e) as f64).collect::<Vec<_>>());
+        (f.unwrap_or(0.0) - b.unwrap_or(0.0)) / n as f64
+    };
+    let mut by_reason = BTreeMap::new();
+    for (i, (name, _)) in ExitCounts::default().named().iter().enumerate() {
+        let v = per(&|e: &ExitCounts| e.named()[i].1);
+        if v.abs() >= 0.005 {
+            by_reason.insert(name.to_string(), v);
+        }
+    }
+    ExitsPerSample {
+        total: per(&|e: &ExitCounts| e.total()),
+        by_reason,
+    }
+}
+
+/// The text table: per figure and configuration, p50 / p99 in us and the
+/// p50's ratio to virq-kernel's; then userspace exits per sample.
+pub fn render_table(r: &Report) -> String {
+    let mut s = String::new();
+    let width = 22;
+    s += &format!(
+        "latency, us: p50 / p99 (p50 vs virq-kernel); median of {} round(s), each of {} samples\n",
+        r.rounds,
+        r.cells.iter().map(|c| c.samples).max().unwrap_or(0)
+    );
+    s += &format!("{:<12}", "figure");
+    for c in &r.configs {
+        s += &format!(" {:>width$}", c.name);
+    }
+    s += "\n";
+    for f in &r.figures {
+        s += &format!("{f:<12}");
+        for c in &r.configs {
+            let cell = r
+                .cells
+                .iter()
+                .find(|x| &x.figure == f && x.config == c.name);
+            let text = match cell {
+                Some(Cell {
+                    p50_us: Some(p50),
+                    p99_us: Some(p99),
+                    p50_vs_virq_kernel,
+                    ..
+                }) => match p50_vs_virq_kernel {
+                    Some(ratio) => format!("{p50:.1} / {p99:.1} ({ratio:.2}x)"),
+                    None => format!("{p50:.1} / {p99:.1}"),
+                },
+                _ => "-".to_string(),
+            };
+            s += &format!(" {text:>width$}");
+        }
+        s += "\n";
+    }
+    let virq: Vec<_> = r
+        .configs
+        .iter()
+        .filter(|c| c.name.starts_with("virq-"))
+        .collect();
+    s += "\nVM exits to the VMM per sample (virq; exits KVM handles itself are not counted)\n";
+    s += &format!("{:<12}", "figure");
+    for c in &virq {
+        s += &format!(" {:>width$}", c.name);
+    }
+    s += "\n";
+    for f in &r.figures {
+        s += &format!("{f:<12}");
+        for c in &virq {
+            let cell = r
+                .cells
+                .iter()
+                .find(|x| &x.figure == f && x.config == c.name);
+            let text = match cell.and_then(|c| c.exits_per_sample.as_ref()) {
+                Some(e) => {
+                    let top: Vec<String> = e
+                        .by_reason
+                        .iter()
+                        .filter(|(_, v)| v.abs() >= 0.05)
+                        .map(|(k, v)| format!("{k} {v:.1}"))
+                        .collect();
+                    if top.is_empty() {
+                        format!("{:.1}", e.total)
+                    } else {
+                        format!("{:.1} ({})", e.total, top.join(", "))
+                    }
+                }
+                None => "-".to_string(),
+            };
+            s += &format!(" {text:>width$}");
+        }
+        s += "\n";
+    }
+    let mut notes = Vec::new();
+    for c in &r.configs {
+        if let Some(n) = &c.note {
+            notes.push(format!("{}: {n}", c.name));
+        }
+        if let Some(f) = &c.failure {
+            notes.push(format!("{}: did not run: {f}", c.name));
+        }
+    }
+    for cell in &r.cells {
+        if let Some(why) = &cell.skipped {
+            if r.configs.iter().any(|c| {
+                c.name == cell.config && c.failure.is_none() && c.note.as_ref() != Some(why)
+            }) {
+                notes.push(format!("{} in {}: {why}", cell.figure, cell.config));
+            }
+        }
+    }
+    notes.dedup();
+    if !notes.is_empty() {
+        s += "\n";
+        for n in notes {
+            s += &format!("note: {n}\n");
+        }
+    }
+    s
+}
+
+/// Escapes text for SVG.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A grouped bar chart: one group per figure, one bar per configuration
+/// (its p50), a thin line up to its p99.
+pub fn render_svg(r: &Report) -> String {
+    const COLOURS: &[&str] = &[
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    ];
+    let (w, h) = (900.0_f64, 420.0_f64);
+    let (left, right, top, bottom) = (60.0, 20.0, 50.0, 80.0);
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    // Scaled to the p50s: one slow p99 must not flatten every bar; p99
+    // lines above the top are cut there and labelled with their value.
+    let max = r
+        .cells
+        .iter()
+        .filter_map(|c| c.p50_us)
+        .fold(1.0_f64, f64::max)
+        * 1.6;
+    // A round axis top: 1, 2 or 5 times a power of ten.
+    let mag = 10f64.powf(max.log10().floor());
+    let scale = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|v| *v >= max)
+        .unwrap_or(10.0 * mag);
+    let y = |v: f64| top + plot_h * (1.0 - v / scale);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    );
+    s += &format!("<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n");
+    s += &format!(
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">interrupt delivery latency, us (bar: p50, line: p99; {} round(s))</text>\n",
+        w / 2.0,
+        r.rounds
+    );
+    for i in 0..=5 {
+        let v = scale * f64::from(i) / 5.0;
+        let yy = y(v);
+        s += &format!(
+            "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\n",
+            w - right
+        );
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>\n",
+            left - 6.0,
+            yy + 4.0
+        );
+    }
+    let groups = r.figures.len().max(1) as f64;
+    let group_w = plot_w / groups;
+    let bars = r.configs.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / bars;
+    for (fi, f) in r.figures.iter().enumerate() {
+        let gx = left + group_w * fi as f64 + group_w * 0.1;
+        for (ci, c) in r.configs.iter().enumerate() {
+            let colour = COLOURS[ci % COLOURS.len()];
+            let Some(cell) = r
+                .cells
+                .iter()
+                .find(|x| &x.figure == f && x.config == c.name)
+            else {
+                continue;
+            };
+            let x = gx + bar_w * ci as f64;
+            if let Some(p50) = cell.p50_us {
+                s += &format!(
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{} {}: p50 {p50:.1} us</title></rect>\n",
+                    y(p50),
+                    bar_w * 0.9,
+                    (y(0.0) - y(p50)).max(0.0),
+                    esc(f),
+                    esc(&c.name)
+                );
+                if let Some(p99) = cell.p99_us {
+                    let cx = x + bar_w * 0.45;
+                    s += &format!(
+                        "<line x1=\"{cx:.1}\" y1=\"{:.1}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
+                        y(p50),
+                        y(p99.min(scale))
+                    );
+                    if p99 > scale {
+                        s += &format!(
+                            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{p99:.0}</text>\n",
+                            top - 4.0 - 10.0 * (ci % 2) as f64
+                        );
+                    }
+                }
+            }
+        }
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            gx + group_w * 0.4,
+            y(0.0) + 16.0,
+            esc(f)
+        );
+    }
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
+        y(0.0),
+        w - right,
+        y(0.0)
+    );
+    for (ci, c) in r.configs.iter().enumerate() {
+        let colour = COLOURS[ci % COLOURS.len()];
+        let lx = left + 140.0 * (ci % 5) as f64;
+        let ly = h - 40.0 + 18.0 * (ci / 5) as f64;
+        s += &format!(
+            "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{colour}\"/><text x=\"{:.1}\" y=\"{ly:.1}\">{}</text>\n",
+            ly - 10.0,
+            lx + 16.0,
+            esc(&c.name)
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_figures_and_skips() {
+        let text = "# x\nBENCH name=ipi n=200 p50=2000 p99=4000 min=1 tsc_per_ms=1000000\n\
+                    BENCH name=msi-testdev skip=no-msi-test-device\nBENCH name=bad n=x\n";
+        let lines = parse_lines(text);
+        assert_eq!(
+            lines,
+            vec![
+                Line::Figure {
+                    name: "ipi".into(),
+                    n: 200,
+                    p50_ns: 2000.0,
+                    p99_ns: 4000.0
+                },
+                Line::Skip {
+                    name: "msi-testdev".into(),
+                    reason: "no msi test device".into()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+}

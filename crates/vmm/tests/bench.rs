@@ -1,0 +1,85 @@
+//! `virq bench` end to end: one round in virq's three modes; every figure
+//! must be present in the JSON, positive and finite (no timing is asserted:
+//! the machines are shared and noisy).
+
+mod common;
+use common::kvm_or_skip;
+use std::process::Command;
+
+const VIRQ: &str = env!("CARGO_BIN_EXE_virq");
+
+/// Figures every virq mode must measure on two vCPUs.
+const FIGURES: &[&str] = &["exit-floor", "self-ipi", "ipi", "msi-testdev", "device-msi"];
+const CONFIGS: &[&str] = &["virq-kernel", "virq-split", "virq-userspace"];
+
+#[test]
+fn bench_one_round_without_qemu_gives_every_figure() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("virq-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json = dir.join("bench.json");
+    let svg = dir.join("bench.svg");
+    let out = Command::new(VIRQ)
+        .args(["bench", "--rounds", "1", "--no-qemu", "--json"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("run virq bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "virq bench failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("exit-floor"), "no table:\n{stdout}");
+
+    let text = std::fs::read_to_string(&json).expect("JSON written");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("JSON parses");
+    let cells = report["cells"].as_array().expect("cells");
+    for config in CONFIGS {
+        for figure in FIGURES {
+            let cell = cells
+                .iter()
+                .find(|c| c["config"] == *config && c["figure"] == *figure)
+                .unwrap_or_else(|| panic!("no {figure} for {config} in {text}"));
+            for key in ["p50_us", "p99_us"] {
+                let v = cell[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{figure} {config}: {key} missing: {cell}"));
+                assert!(v.is_finite() && v > 0.0, "{figure} {config}: {key} = {v}");
+            }
+            assert!(
+                cell["samples"].as_u64().unwrap_or(0) > 0,
+                "{figure} {config}: {cell}"
+            );
+            let exits = cell["exits_per_sample"]["total"].as_f64();
+            assert!(
+                exits.is_some_and(f64::is_finite),
+                "{figure} {config}: exits per sample: {cell}"
+            );
+        }
+        let kernel = cells
+            .iter()
+            .find(|c| c["config"] == "virq-kernel" && c["figure"] == "ipi")
+            .expect("kernel ipi");
+        assert!(kernel["p50_vs_virq_kernel"].as_f64().is_some());
+    }
+    let chart = std::fs::read_to_string(&svg).expect("SVG written");
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_bad_flags_are_one_line() {
+    let out = Command::new(VIRQ)
+        .args(["bench", "--rounds", "0"])
+        .output()
+        .expect("run virq bench");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("virq: "), "{stderr}");
+}
