@@ -191,6 +191,7 @@ fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
         },
         pit_lost_ticks: LostTickPolicy::Reinject,
         lapic_lost_ticks: LostTickPolicy::Discard,
+        halt_poll: Duration::from_micros(args.halt_poll_us),
     };
     let r = vm::run_image(&cfg, BENCH_IMAGE)?;
     if r.exit_code != 1 {

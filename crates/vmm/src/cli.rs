@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// mode; KVM's LAPIC in the other modes always discards).
     #[arg(long, value_enum, default_value_t = LostTicks::Discard)]
     pub lapic_lost_ticks: LostTicks,
+    /// Longest adaptive halt poll of a halted vCPU in microseconds before it
+    /// sleeps (userspace mode; 0 turns it off; KVM polls by itself in the
+    /// other modes).
+    #[arg(long, default_value_t = 200, value_parser = parse_halt_poll)]
+    pub halt_poll_us: u64,
     /// Number of vCPUs (1-255).
     #[arg(long, default_value_t = 1, value_parser = parse_cpus)]
     pub cpus: u32,
@@ -150,6 +155,9 @@ pub struct BenchArgs {
     /// Also show the guest's serial output on stdout.
     #[arg(long)]
     pub show_serial: bool,
+    /// Halt-poll bound for the virq userspace runs, in microseconds (0: off).
+    #[arg(long, default_value_t = 200, value_parser = parse_halt_poll)]
+    pub halt_poll_us: u64,
 }
 
 /// Most `--rounds`.
@@ -225,6 +233,19 @@ where
     })
 }
 
+/// Longest halt poll accepted, in microseconds.
+pub const MAX_HALT_POLL_US: u64 = 10_000;
+
+fn parse_halt_poll(s: &str) -> Result<u64, String> {
+    let us: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of microseconds"))?;
+    if us > MAX_HALT_POLL_US {
+        return Err(format!("{us} us: must be 0 to {MAX_HALT_POLL_US}"));
+    }
+    Ok(us)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +256,18 @@ mod tests {
             Some(Command::Run(r)) => Ok(r),
             other => panic!("not a run: {other:?}"),
         }
+    }
+
+    #[test]
+    fn halt_poll_is_bounded_and_zero_turns_it_off() {
+        assert_eq!(
+            run_args(&["run", "x.elf"]).map(|r| r.halt_poll_us).ok(),
+            Some(200)
+        );
+        let off = run_args(&["run", "--halt-poll-us", "0", "x.elf"]);
+        assert_eq!(off.map(|r| r.halt_poll_us).ok(), Some(0));
+        assert!(run_args(&["run", "--halt-poll-us", "10001", "x.elf"]).is_err());
+        assert!(run_args(&["run", "--halt-poll-us", "-1", "x.elf"]).is_err());
     }
 
     #[test]

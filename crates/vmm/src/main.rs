@@ -78,6 +78,7 @@ fn run(args: RunArgs) -> i32 {
         serial: SerialOut::from_arg(&args.serial),
         pit_lost_ticks: args.pit_lost_ticks.into(),
         lapic_lost_ticks: args.lapic_lost_ticks.into(),
+        halt_poll: std::time::Duration::from_micros(args.halt_poll_us),
     };
     match vm::run_image(&cfg, &image) {
         Ok(r) => {
@@ -116,6 +117,7 @@ fn demo(args: DemoArgs) -> i32 {
             },
             pit_lost_ticks: LostTickPolicy::Reinject,
             lapic_lost_ticks: LostTickPolicy::Discard,
+            halt_poll: virq_kvm::irqchip::DEFAULT_HALT_POLL,
         };
         match vm::run_image(&cfg, image) {
             Ok(r) => {

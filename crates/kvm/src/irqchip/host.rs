@@ -8,6 +8,7 @@
 
 use crate::kick::VcpuKick;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,6 +26,12 @@ pub type ExternalSink = Box<dyn Fn(&InterruptMessage) + Send + Sync>;
 /// be served in the past: a guard against spinning a host core.
 const MIN_TIMER_SLEEP: Duration = Duration::from_micros(50);
 
+/// Where an adaptive halt-poll window starts growing from.
+const HALT_POLL_START_NS: u64 = 10_000;
+
+/// The default longest halt poll (KVM's `halt_poll_ns` is 200 us too).
+pub const DEFAULT_HALT_POLL: Duration = Duration::from_micros(200);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -34,6 +41,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Parking {
     state: Mutex<ParkState>,
     cv: Condvar,
+    /// Set by every notify, read without the lock by a polling vCPU.
+    hint: AtomicBool,
+    /// This vCPU's current halt-poll window in ns (adaptive, 0 = park at once).
+    poll_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -201,6 +212,61 @@ impl ChipHost {
         }
     }
 
+    /// A halted vCPU `index` waits until `ready(chipset)` holds (or a startup
+    /// event or `stop()`), as [`ChipHost::park_until`], but first polls for
+    /// up to its adaptive halt-poll window: a wake-up that comes within it
+    /// costs no condvar sleep and wake. The window grows (to `max_poll`)
+    /// while wake-ups come soon after the vCPU gave up polling, and shrinks
+    /// to nothing while they do not, so an idle guest burns no host CPU.
+    pub fn halt_until(
+        &self,
+        index: usize,
+        max_poll: Duration,
+        stop: impl Fn() -> bool,
+        ready: impl Fn(&Chipset) -> bool,
+    ) {
+        let Some(parking) = self.inner.parking.get(index) else {
+            return;
+        };
+        let max_ns = u64::try_from(max_poll.as_nanos()).unwrap_or(u64::MAX);
+        let window = parking.poll_ns.load(Ordering::Relaxed).min(max_ns);
+        let start = Instant::now();
+        if window > 0 && self.poll(parking, window, &stop, &ready) {
+            return;
+        }
+        self.park_until(index, &stop, &ready);
+        let blocked = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        parking
+            .poll_ns
+            .store(next_poll_window(window, blocked, max_ns), Ordering::Relaxed);
+    }
+
+    /// Spins up to `window_ns` for a notify that makes `ready` hold.
+    fn poll(
+        &self,
+        parking: &Parking,
+        window_ns: u64,
+        stop: &impl Fn() -> bool,
+        ready: &impl Fn(&Chipset) -> bool,
+    ) -> bool {
+        let Some(chip) = self.inner.chip.get() else {
+            return false;
+        };
+        let start = Instant::now();
+        // Something may already be there.
+        parking.hint.store(true, Ordering::Relaxed);
+        while u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX) < window_ns {
+            if stop() || !lock(&parking.state).startups.is_empty() {
+                return true;
+            }
+            if parking.hint.swap(false, Ordering::Acquire) && ready(&lock(chip)) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
     /// The next INIT/SIPI queued for vCPU `index`.
     pub fn take_startup(&self, index: usize) -> Option<StartupEvent> {
         let parking = self.inner.parking.get(index)?;
@@ -277,6 +343,7 @@ impl Inner {
         let Some(parking) = self.parking.get(vcpu) else {
             return;
         };
+        parking.hint.store(true, Ordering::Release);
         let parked = {
             let mut st = lock(&parking.state);
             st.woken = true;
@@ -291,6 +358,25 @@ impl Inner {
                 kick.kick();
             }
         }
+    }
+}
+
+/// The halt-poll window after a halt that polled `window` ns in vain and
+/// then slept until `blocked` ns had passed: a wake-up within the bound
+/// means polling a little longer would have caught it (double the window,
+/// from 10 us); a longer sleep means polling was wasted (halve it, and stop
+/// below 10 us).
+fn next_poll_window(window: u64, blocked: u64, max: u64) -> u64 {
+    if max == 0 {
+        0
+    } else if blocked <= max {
+        window
+            .saturating_mul(2)
+            .clamp(HALT_POLL_START_NS.min(max), max)
+    } else if window / 2 < HALT_POLL_START_NS {
+        0
+    } else {
+        window / 2
     }
 }
 
@@ -336,5 +422,26 @@ fn timer_loop(inner: Weak<Inner>) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halt_poll_window_grows_on_quick_wakeups_and_dies_on_idle_ones() {
+        let max = 200_000;
+        let mut w = 0;
+        for expected in [10_000, 20_000, 40_000, 80_000, 160_000, 200_000, 200_000] {
+            w = next_poll_window(w, 50_000, max);
+            assert_eq!(w, expected);
+        }
+        // An idle guest: each halt sleeps for milliseconds.
+        for expected in [100_000, 50_000, 25_000, 12_500, 0, 0] {
+            w = next_poll_window(w, 5_000_000, max);
+            assert_eq!(w, expected);
+        }
+        assert_eq!(next_poll_window(80_000, 1_000, 0), 0, "polling off");
     }
 }

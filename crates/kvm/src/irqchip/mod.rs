@@ -21,6 +21,7 @@ mod split;
 mod userspace;
 mod virtual_wire;
 
+pub use host::DEFAULT_HALT_POLL;
 pub use kernel::{kernel_gsi_routing, KernelIrqchip};
 pub use none::NoIrqchip;
 pub use split::SplitIrqchip;

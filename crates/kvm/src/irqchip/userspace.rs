@@ -16,7 +16,7 @@
 //! Delivery to another vCPU always kicks it: under nested KVM an
 //! interrupt-window request never exits while the guest runs at CPL3.
 
-use super::host::ChipHost;
+use super::host::{ChipHost, DEFAULT_HALT_POLL};
 use super::{HltAction, IrqchipBackend, VcpuCtx};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -25,6 +25,7 @@ use kvm_bindings::{kvm_enable_cap, kvm_regs, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTR
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use virq::chipset::{Chipset, ChipsetConfig, LapicPlacement};
 use virq::inject::{decide, Decision, Interruptibility, PendingEvents};
 use virq::ioapic::IoapicVersion;
@@ -63,6 +64,8 @@ pub struct UserspaceIrqchip {
     host: ChipHost,
     policy: LostTickPolicy,
     lapic_timer_policy: LostTickPolicy,
+    /// Longest adaptive halt poll before a halted vCPU parks (0: never poll).
+    halt_poll: Duration,
     vcpus: Vec<Mutex<VcpuSide>>,
     /// The CR8 value we last gave KVM, per vCPU: a different value at the
     /// next exit means the guest wrote CR8.
@@ -77,6 +80,7 @@ impl UserspaceIrqchip {
             host: ChipHost::new(vcpus, None),
             policy,
             lapic_timer_policy: LostTickPolicy::Discard,
+            halt_poll: DEFAULT_HALT_POLL,
             vcpus: (0..vcpus)
                 .map(|_| Mutex::new(VcpuSide::default()))
                 .collect(),
@@ -88,6 +92,13 @@ impl UserspaceIrqchip {
     /// discard, as KVM's LAPIC does).
     pub fn with_lapic_timer_policy(mut self, policy: LostTickPolicy) -> Self {
         self.lapic_timer_policy = policy;
+        self
+    }
+
+    /// The longest a halted vCPU polls before it parks (default 200 us;
+    /// zero turns halt polling off). The window adapts below this bound.
+    pub fn with_halt_poll(mut self, max: Duration) -> Self {
+        self.halt_poll = max;
         self
     }
 
@@ -354,8 +365,9 @@ impl IrqchipBackend for UserspaceIrqchip {
         }
         let if_flag = ctx.if_flag();
         let kick = ctx.kick();
-        self.host.park_until(
+        self.host.halt_until(
             index,
+            self.halt_poll,
             || kick.stop_requested(),
             |chip| {
                 let p = chip.pending(index);

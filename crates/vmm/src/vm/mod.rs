@@ -99,6 +99,8 @@ pub struct VmConfig {
     /// What our LAPICs' periodic timers do with missed periods (userspace
     /// mode; KVM's LAPIC always discards).
     pub lapic_lost_ticks: LostTickPolicy,
+    /// Longest adaptive halt poll of a halted vCPU (userspace mode).
+    pub halt_poll: Duration,
 }
 
 /// A run that could not start.
@@ -161,7 +163,8 @@ fn make_backend(cfg: &VmConfig, vm: &Vm) -> Arc<dyn IrqchipBackend> {
         }
         IrqchipMode::Userspace => Arc::new(
             UserspaceIrqchip::new(vm.fd().clone(), cpus, cfg.pit_lost_ticks)
-                .with_lapic_timer_policy(cfg.lapic_lost_ticks),
+                .with_lapic_timer_policy(cfg.lapic_lost_ticks)
+                .with_halt_poll(cfg.halt_poll),
         ),
     }
 }
