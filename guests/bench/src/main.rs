@@ -27,10 +27,11 @@
 #![no_main]
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use guest_runtime::arch::{self, cli, inl, outb, outl, rdtsc, sti, sti_hlt};
+use guest_runtime::arch::{self, cli, outb, outl, rdtsc, sti, sti_hlt};
 use guest_runtime::cpu::{self, InterruptFrame};
 use guest_runtime::lapic::{self, Icr};
 use guest_runtime::msi::{self, Address, Data};
+use guest_runtime::ring::{self, Ring};
 use guest_runtime::serial::Line;
 use guest_runtime::time::{self, Deadline, WATCHDOG_VECTOR};
 use guest_runtime::{entry, smp, Boot};
@@ -59,33 +60,13 @@ const V_IPI: u8 = 0x51;
 const V_MSI: u8 = 0x52;
 const V_RING: u8 = 0x53;
 
-const RING_PORT: u16 = 0x2500;
-const RING_SIGNATURE: u32 = 0x676E_6972;
-const RING_DOORBELL: u16 = RING_PORT + 0x10;
-const RING_STATUS: u16 = RING_PORT + 0x18;
 const RING_ENTRIES: u32 = 4;
 
 /// The TSC the last handler read (0: not yet).
 static HANDLED_AT: AtomicU64 = AtomicU64::new(0);
 static AP_READY: AtomicBool = AtomicBool::new(false);
 
-/// The ring, as the ring device sees it at its base (64-byte aligned).
-#[repr(C, align(64))]
-struct Ring {
-    req_prod: AtomicU32,
-    done_prod: AtomicU32,
-    _pad: [u32; 14],
-    requests: [AtomicU32; RING_ENTRIES as usize],
-    completions: [AtomicU32; RING_ENTRIES as usize],
-}
-
-static RING: Ring = Ring {
-    req_prod: AtomicU32::new(0),
-    done_prod: AtomicU32::new(0),
-    _pad: [0; 14],
-    requests: [const { AtomicU32::new(0) }; RING_ENTRIES as usize],
-    completions: [const { AtomicU32::new(0) }; RING_ENTRIES as usize],
-};
+static RING: Ring<{ RING_ENTRIES as usize }> = Ring::new();
 
 /// Every handler: the TSC first, nothing else on the measured path.
 fn stamp(_: &mut InterruptFrame) {
@@ -271,15 +252,11 @@ fn msi_testdev() {
 
 fn device_msi() {
     const NAME: &str = "device-msi";
-    if inl(RING_PORT) != RING_SIGNATURE {
+    if !ring::present() {
         skip(NAME, "no-ring-device");
         return;
     }
-    outl(RING_PORT, core::ptr::addr_of!(RING) as u32);
-    outl(RING_PORT + 4, RING_ENTRIES);
-    outl(RING_PORT + 8, Address::physical(lapic::id() as u8).0 as u32);
-    outl(RING_PORT + 12, Data::fixed(V_RING).0);
-    if inl(RING_STATUS) != 0 {
+    if RING.arm(lapic::id() as u8, V_RING) != 0 {
         skip(NAME, "ring-refused");
         return;
     }
@@ -287,10 +264,9 @@ fn device_msi() {
     interrupt_figure(NAME, |i| {
         // One request outstanding at a time.
         let index = first.wrapping_add(i as u32);
-        RING.requests[(index % RING_ENTRIES) as usize].store(index, Ordering::Relaxed);
-        RING.req_prod
-            .store(index.wrapping_add(1), Ordering::Release);
-        outl(RING_DOORBELL, 1);
+        RING.requests[Ring::<{ RING_ENTRIES as usize }>::slot(index)]
+            .store(index, Ordering::Relaxed);
+        RING.post(index.wrapping_add(1));
     });
 }
 

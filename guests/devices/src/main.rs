@@ -20,16 +20,11 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use guest_runtime::arch::{inl, outl};
 use guest_runtime::cpu::{self, InterruptFrame};
 use guest_runtime::ioapic::Redirection;
-use guest_runtime::msi::{Address, Data};
+use guest_runtime::ring::{self, Ring};
 use guest_runtime::serial::Line;
 use guest_runtime::time::wait_until;
 use guest_runtime::{arch, entry, lapic, report, smp, Boot};
 
-const RING_PORT: u16 = 0x2500;
-const RING_SIGNATURE: u32 = 0x676E_6972;
-const RING_DOORBELL: u16 = RING_PORT + 0x10;
-const RING_COMPLETED: u16 = RING_PORT + 0x14;
-const RING_STATUS: u16 = RING_PORT + 0x18;
 const LINE_PORT: u16 = 0x2520;
 const LINE_SIGNATURE: u32 = 0x656E_696C;
 const LINE_GSI: u32 = 19;
@@ -50,23 +45,7 @@ const NO_IN_SERVICE: &str =
 /// Salt in every request value, so a zeroed slot never looks like an answer.
 const SALT: u32 = 0x5A00_0000;
 
-/// The ring, as the device sees it at its base (64-byte aligned).
-#[repr(C, align(64))]
-struct Ring {
-    req_prod: AtomicU32,
-    done_prod: AtomicU32,
-    _pad: [u32; 14],
-    requests: [AtomicU32; ENTRIES as usize],
-    completions: [AtomicU32; ENTRIES as usize],
-}
-
-static RING: Ring = Ring {
-    req_prod: AtomicU32::new(0),
-    done_prod: AtomicU32::new(0),
-    _pad: [0; 14],
-    requests: [const { AtomicU32::new(0) }; ENTRIES as usize],
-    completions: [const { AtomicU32::new(0) }; ENTRIES as usize],
-};
+static RING: Ring<{ ENTRIES as usize }> = Ring::new();
 
 /// Completions the handler consumed (free-running index).
 static CONSUMED: AtomicU32 = AtomicU32::new(0);
@@ -93,7 +72,8 @@ fn ring_handler(_: &mut InterruptFrame) {
     let published = RING.done_prod.load(Ordering::Acquire);
     let mut i = CONSUMED.load(Ordering::Relaxed);
     while i != published {
-        let answer = RING.completions[(i % ENTRIES) as usize].load(Ordering::Relaxed);
+        let answer =
+            RING.completions[Ring::<{ ENTRIES as usize }>::slot(i)].load(Ordering::Relaxed);
         let id = !answer ^ SALT;
         if id >= REQUESTS {
             BAD_VALUES.fetch_add(1, Ordering::AcqRel);
@@ -130,7 +110,7 @@ fn main(boot: &'static Boot) -> ! {
         .s("# devices guest: cpus=")
         .u(boot.platform.cpu_count as u64)
         .s(" ring=")
-        .x(inl(RING_PORT).into())
+        .x(inl(ring::PORT).into())
         .s(" line=")
         .x(inl(LINE_PORT).into())
         .print();
@@ -174,7 +154,7 @@ fn ap_main(_index: usize) -> ! {
 /// Sends `REQUESTS` requests through the ring with the MSI aimed at CPU
 /// `target` (None: that CPU is missing, SKIP).
 fn ring_check(name: &str, target: Option<usize>) {
-    if inl(RING_PORT) != RING_SIGNATURE {
+    if !ring::present() {
         report::skip(name, "no ring device at port 0x2500");
         return;
     }
@@ -194,12 +174,7 @@ fn ring_check(name: &str, target: Option<usize>) {
     CONSUMED.store(start, Ordering::Release);
     let msis_before = cpu::count(target, V_RING);
 
-    let dest = cpu::apic_id_of(target) as u8;
-    outl(RING_PORT, core::ptr::addr_of!(RING) as u32);
-    outl(RING_PORT + 4, ENTRIES);
-    outl(RING_PORT + 8, Address::physical(dest).0 as u32);
-    outl(RING_PORT + 12, Data::fixed(V_RING).0);
-    let status = inl(RING_STATUS);
+    let status = RING.arm(cpu::apic_id_of(target) as u8, V_RING);
     if status != 0 {
         report::fail_line(name)
             .s("the device refused the ring: status ")
@@ -220,12 +195,11 @@ fn ring_check(name: &str, target: Option<usize>) {
         let room = ENTRIES - (sent - CONSUMED.load(Ordering::Acquire).wrapping_sub(start));
         for _ in 0..room.min(REQUESTS - sent) {
             let i = start.wrapping_add(sent);
-            RING.requests[(i % ENTRIES) as usize].store(sent ^ SALT, Ordering::Relaxed);
+            RING.requests[Ring::<{ ENTRIES as usize }>::slot(i)]
+                .store(sent ^ SALT, Ordering::Relaxed);
             sent += 1;
         }
-        RING.req_prod
-            .store(start.wrapping_add(sent), Ordering::Release);
-        outl(RING_DOORBELL, 1);
+        RING.post(start.wrapping_add(sent));
     }
     wait_until(TIMEOUT_US, || {
         CONSUMED.load(Ordering::Acquire).wrapping_sub(start) == REQUESTS
@@ -248,7 +222,7 @@ fn ring_check(name: &str, target: Option<usize>) {
     let duplicates = DUPLICATES.load(Ordering::Acquire);
     let bad = BAD_VALUES.load(Ordering::Acquire);
     let wrong_cpu = WRONG_CPU.load(Ordering::Acquire);
-    let completed = inl(RING_COMPLETED);
+    let completed = ring::completed();
     if sent == REQUESTS
         && consumed == REQUESTS
         && missing == 0

@@ -23,6 +23,7 @@ use guest_runtime::arch::{mmio_write32, outb, outl, rdmsr, rdtsc, sti, sti_hlt, 
 use guest_runtime::cpu::{self, InterruptFrame};
 use guest_runtime::ioapic::Redirection;
 use guest_runtime::lapic::{self, reg};
+use guest_runtime::ring::Ring;
 use guest_runtime::serial::Line;
 use guest_runtime::{entry, exit, pit, smp, testdev_set_irq, Boot, DEBUG_EXIT_PORT};
 
@@ -113,22 +114,12 @@ fn timer_storm(boot: &'static Boot) -> ! {
     }
 }
 
-/// A 64-entry ring for the ring device (ports 0x2500-0x251F).
-#[repr(C, align(64))]
-struct Ring([u32; 16 + 2 * 64]);
-
-static mut RING: Ring = Ring([0; 16 + 2 * 64]);
+static RING: Ring<64> = Ring::new();
 
 fn doorbell_flood(boot: &'static Boot) -> ! {
-    const RING_PORT: u16 = 0x2500;
     const LINE_PORT: u16 = 0x2520;
     cpu::set_auto_eoi(FLOOD_VECTOR, false);
-    // SAFETY: only this CPU runs; the device reads the ring as guest memory.
-    let ring = unsafe { core::ptr::addr_of_mut!(RING) };
-    outl(RING_PORT, ring as u32);
-    outl(RING_PORT + 4, 64);
-    outl(RING_PORT + 8, 0xFEE0_0000 | (boot.bsp_apic_id << 12));
-    outl(RING_PORT + 12, u32::from(FLOOD_VECTOR));
+    RING.arm(boot.bsp_apic_id as u8, FLOOD_VECTOR);
     // Pass-through line: as many events as it allows, as fast as it goes,
     // on a level pin that is never EOI'd.
     let pin = 19 - boot.platform.ioapic_gsi_base;
@@ -142,9 +133,7 @@ fn doorbell_flood(boot: &'static Boot) -> ! {
     let mut produced: u32 = 0;
     loop {
         produced = produced.wrapping_add(0x4000_0000);
-        // SAFETY: a plain store to the ring's producer index.
-        unsafe { core::ptr::write_volatile(ring.cast::<u32>(), produced) };
-        outl(RING_PORT + 0x10, 1);
+        RING.post(produced);
     }
 }
 

@@ -22,6 +22,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod report;
+pub mod ring;
 pub mod serial;
 pub mod smp;
 pub mod time;
