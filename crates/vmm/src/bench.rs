@@ -177,13 +177,22 @@ struct Run {
     exits: Option<ExitCounts>,
 }
 
+/// The guest command line, with `pv-eoi` added when asked for.
+fn with_pv_eoi(cmdline: &str, args: &BenchArgs) -> String {
+    match (args.pv_eoi, cmdline.is_empty()) {
+        (true, true) => "pv-eoi".to_string(),
+        (true, false) => format!("{cmdline} pv-eoi"),
+        (false, _) => cmdline.to_string(),
+    }
+}
+
 fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
     let cfg = VmConfig {
         mode,
         cpus: CPUS,
         ram_mib: MEMORY_MIB,
         timeout: Some(args.timeout),
-        cmdline: cmdline.to_string(),
+        cmdline: with_pv_eoi(cmdline, args),
         serial: if args.show_serial {
             SerialOut::Stdout
         } else {
@@ -221,6 +230,8 @@ fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> 
         .arg(cpus.to_string())
         .arg("-kernel")
         .arg(image)
+        .arg("-append")
+        .arg(with_pv_eoi("", args))
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

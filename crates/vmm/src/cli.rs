@@ -155,6 +155,10 @@ pub struct BenchArgs {
     /// Also show the guest's serial output on stdout.
     #[arg(long)]
     pub show_serial: bool,
+    /// Boot the benchmark guest with KVM's paravirtual EOI turned on (in
+    /// every configuration: virq's userspace LAPIC and KVM's both offer it).
+    #[arg(long)]
+    pub pv_eoi: bool,
     /// Halt-poll bound for the virq userspace runs, in microseconds (0: off).
     #[arg(long, default_value_t = 200, value_parser = parse_halt_poll)]
     pub halt_poll_us: u64,

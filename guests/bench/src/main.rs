@@ -295,9 +295,14 @@ fn main(boot: &'static Boot) -> ! {
     if let Some(n) = option(boot, "samples").and_then(number) {
         SAMPLES.store(n.clamp(1, MAX_SAMPLES) as u32, Ordering::Relaxed);
     }
+    // KVM's paravirtual EOI on every CPU, if asked for and offered.
+    let pv_eoi = boot.multiboot.has_option("pv-eoi") && lapic::enable_pv_eoi();
+    PV_EOI.store(pv_eoi, Ordering::Release);
     let ap = start_ap(boot);
     Line::new()
-        .s("# bench guest: cpus=")
+        .s("# bench guest: pv-eoi=")
+        .b(pv_eoi)
+        .s(" cpus=")
         .u(boot.platform.cpu_count as u64)
         .s(" samples=")
         .u(samples() as u64)
@@ -327,6 +332,9 @@ fn main(boot: &'static Boot) -> ! {
 
 entry!(main);
 
+/// The BSP turned the paravirtual EOI on; the AP follows.
+static PV_EOI: AtomicBool = AtomicBool::new(false);
+
 fn start_ap(boot: &Boot) -> Option<usize> {
     let p = &boot.platform;
     if p.cpu_count < 2 {
@@ -346,6 +354,9 @@ fn start_ap(boot: &Boot) -> Option<usize> {
 
 /// The AP only takes interrupts.
 fn ap_main(_index: usize) -> ! {
+    if PV_EOI.load(Ordering::Acquire) {
+        lapic::enable_pv_eoi();
+    }
     AP_READY.store(true, Ordering::Release);
     loop {
         sti_hlt();

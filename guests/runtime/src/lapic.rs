@@ -3,7 +3,7 @@
 
 use crate::arch::{mmio_read32, mmio_write32, pause, rdmsr, wrmsr};
 use crate::cpu::{self, InterruptFrame};
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 /// Default xAPIC MMIO base.
 pub const XAPIC_BASE: usize = 0xFEE0_0000;
@@ -227,7 +227,65 @@ pub fn enter_x2apic_mode() {
 
 /// Signals end of interrupt.
 pub fn eoi() {
+    let cpu = cpu::index();
+    if let (Some(on), Some(flag)) = (PV_EOI_ON.get(cpu), PV_EOI_FLAG.get(cpu)) {
+        // The hypervisor set bit 0 if this EOI may be paravirtual; clearing
+        // it is the EOI. It only changes the flag between instructions (at
+        // an exit), so a changed value makes the exchange retry.
+        if on.load(Ordering::Relaxed) && flag.fetch_and(!1, Ordering::AcqRel) & 1 != 0 {
+            PV_EOIS.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     write(reg::EOI, 0);
+}
+
+/// KVM's paravirtual-EOI MSR.
+pub const MSR_KVM_PV_EOI_EN: u32 = 0x4B56_4D04;
+
+/// Per-CPU PV-EOI flag words (the hypervisor uses the low byte's bit 0).
+static PV_EOI_FLAG: [AtomicU32; cpu::MAX_CPUS] = [const { AtomicU32::new(0) }; cpu::MAX_CPUS];
+static PV_EOI_ON: [AtomicBool; cpu::MAX_CPUS] = [const { AtomicBool::new(false) }; cpu::MAX_CPUS];
+
+static PV_EOIS: AtomicU32 = AtomicU32::new(0);
+
+/// EOIs done through the paravirtual flag so far (all CPUs).
+pub fn pv_eois() -> u32 {
+    PV_EOIS.load(Ordering::Relaxed)
+}
+
+/// Whether the hypervisor offers KVM's paravirtual EOI (KVM signature at
+/// CPUID 0x40000000, feature bit 6 of 0x40000001 EAX).
+pub fn pv_eoi_supported() -> bool {
+    let (_, b, c, d) = crate::arch::cpuid(0x4000_0000);
+    let kvm = (b, c, d) == (0x4B4D_564B, 0x564B_4D56, 0x0000_004D);
+    kvm && crate::arch::cpuid(0x4000_0001).0 & (1 << 6) != 0
+}
+
+/// Turns on the paravirtual EOI for this CPU if it is offered: [`eoi`] then
+/// ends an interrupt without a register write when the hypervisor allows.
+/// Returns whether it is on.
+pub fn enable_pv_eoi() -> bool {
+    let cpu = cpu::index();
+    let (Some(flag), Some(on)) = (PV_EOI_FLAG.get(cpu), PV_EOI_ON.get(cpu)) else {
+        return false;
+    };
+    if !pv_eoi_supported() {
+        return false;
+    }
+    flag.store(0, Ordering::Release);
+    wrmsr(MSR_KVM_PV_EOI_EN, core::ptr::from_ref(flag) as u64 | 1);
+    on.store(true, Ordering::Release);
+    true
+}
+
+/// Turns the paravirtual EOI off for this CPU.
+pub fn disable_pv_eoi() {
+    if let Some(on) = PV_EOI_ON.get(cpu::index()) {
+        if on.swap(false, Ordering::AcqRel) {
+            wrmsr(MSR_KVM_PV_EOI_EN, 0);
+        }
+    }
 }
 
 /// Whether `vector` is in service (its ISR bit is set).

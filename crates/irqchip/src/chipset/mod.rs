@@ -632,6 +632,30 @@ impl Chipset {
         Ok(())
     }
 
+    /// Whether `vcpu`'s interrupt in service may be ended by a paravirtual
+    /// EOI: an edge vector, nothing pending in its IRR, and no IOAPIC pin
+    /// using the vector (those EOIs feed PIT reinjection and resampling,
+    /// which should not wait for the next exit). KVM's rule too.
+    pub fn pv_eoi_allowed(&self, vcpu: usize) -> bool {
+        let Some(lapic) = self.lapics.get(vcpu) else {
+            return false;
+        };
+        lapic.pv_eoi_allowed()
+            && lapic
+                .highest_in_service()
+                .is_some_and(|v| self.ioapic.pins_with_vector(v) == 0)
+    }
+
+    /// The guest ended `vcpu`'s interrupt in service through the
+    /// paravirtual EOI flag: the same as an EOI register write.
+    pub fn pv_eoi(&mut self, vcpu: usize, now_ns: u64) {
+        let Some(lapic) = self.lapics.get_mut(vcpu) else {
+            return;
+        };
+        let effects = lapic.pv_eoi();
+        self.lapic_effects(vcpu, effects, now_ns);
+    }
+
     fn lapic_effects(&mut self, vcpu: usize, effects: crate::lapic::LapicEffects, now_ns: u64) {
         if let Some(lapic) = self.lapics.get(vcpu) {
             self.addressing[vcpu] = lapic.addressing();

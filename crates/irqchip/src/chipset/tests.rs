@@ -889,3 +889,35 @@ fn resampled_pic_level_line_is_lowered_by_the_pic_eoi() {
     c.set_gsi(5, device, true, 0);
     assert_eq!(take(&mut c, 0), Some(0x25), "re-asserting delivers again");
 }
+
+#[test]
+fn pv_eoi_is_allowed_for_a_lone_edge_vector_without_an_ioapic_pin() {
+    let mut c = chipset(1, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    assert!(!c.pv_eoi_allowed(0), "nothing in service");
+    write32(&mut c, 0, ICR_LOW, 0x4_0000 | 0x61); // self IPI, edge
+    assert_eq!(take(&mut c, 0), Some(0x61));
+    assert!(c.pv_eoi_allowed(0));
+    write32(&mut c, 0, ICR_LOW, 0x4_0000 | 0x51); // a lower one waits in IRR
+    assert!(!c.pv_eoi_allowed(0), "the EOI must exit to deliver 0x51");
+    c.pv_eoi(0, 0);
+    assert_eq!(take(&mut c, 0), Some(0x51), "the PV EOI ended 0x61");
+    // A vector an IOAPIC pin uses (edge here) feeds ack notifiers: no PV EOI.
+    c.pv_eoi(0, 0);
+    set_rte(&mut c, 10, 0x41, 0);
+    c.set_gsi(10, SourceId::USER, true, 0);
+    c.set_gsi(10, SourceId::USER, false, 0);
+    assert_eq!(take(&mut c, 0), Some(0x41));
+    assert!(!c.pv_eoi_allowed(0));
+    // Level vectors need their EOI broadcast: no PV EOI either.
+    c.pv_eoi(0, 0);
+    set_rte(&mut c, 10, 0x8000 | 0x42, 0);
+    c.set_gsi(10, SourceId::USER, true, 0);
+    assert_eq!(take(&mut c, 0), Some(0x42));
+    assert!(!c.pv_eoi_allowed(0));
+    c.pv_eoi(0, 0);
+    assert!(
+        events(&mut c).contains(&ChipEvent::GsiAcked(10)),
+        "a PV EOI still acks"
+    );
+}

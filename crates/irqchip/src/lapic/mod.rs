@@ -726,6 +726,30 @@ impl Lapic {
 
     // ----- priorities and mode ----------------------------------------------
 
+    /// The highest vector in service, if any.
+    pub fn highest_in_service(&self) -> Option<u8> {
+        VectorSet(self.s.isr).highest()
+    }
+
+    /// Whether the interrupt in service is an edge one (TMR clear) with
+    /// nothing waiting in IRR: then its EOI can be paravirtual (KVM's
+    /// PV-EOI), because ending it needs no exit to deliver anything next.
+    pub fn pv_eoi_allowed(&self) -> bool {
+        let Some(vector) = self.highest_in_service() else {
+            return false;
+        };
+        !VectorSet(self.s.tmr).test(vector) && VectorSet(self.s.irr).highest().is_none()
+    }
+
+    /// The EOI the guest did through the paravirtual flag, as if it had
+    /// written the EOI register.
+    pub fn pv_eoi(&mut self) -> LapicEffects {
+        LapicEffects {
+            eoi: self.eoi(),
+            ..LapicEffects::default()
+        }
+    }
+
     /// Task priority (CR8 is `tpr() >> 4`).
     pub fn tpr(&self) -> u8 {
         self.s.tpr

@@ -33,6 +33,7 @@ use virq::lapic::{StartupEvent, MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_X2APIC_FIRS
 use virq::pit::LostTickPolicy;
 use virq::routing::SourceId;
 use virq::RaiseGp;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// IA32_TSC.
@@ -56,7 +57,15 @@ struct VcpuSide {
     reset: Option<ResetState>,
     /// INIT received: the vCPU waits for a SIPI before running again.
     wait_for_sipi: bool,
+    /// MSR_KVM_PV_EOI_EN as the guest wrote it (bit 0: on; the rest: the
+    /// guest-physical address of its PV-EOI flag byte).
+    pv_eoi_msr: u64,
+    /// We set the guest's PV-EOI flag at the last entry.
+    pv_eoi_pending: bool,
 }
+
+/// KVM's paravirtual-EOI MSR (KVM_FEATURE_PV_EOI, CPUID 0x40000001 EAX bit 6).
+pub const MSR_KVM_PV_EOI_EN: u32 = 0x4B56_4D04;
 
 /// The fully userspace irqchip backend.
 pub struct UserspaceIrqchip {
@@ -66,6 +75,8 @@ pub struct UserspaceIrqchip {
     lapic_timer_policy: LostTickPolicy,
     /// Longest adaptive halt poll before a halted vCPU parks (0: never poll).
     halt_poll: Duration,
+    /// Guest RAM, for the PV-EOI flags (without it PV-EOI is refused).
+    memory: Option<GuestMemoryMmap>,
     vcpus: Vec<Mutex<VcpuSide>>,
     /// The CR8 value we last gave KVM, per vCPU: a different value at the
     /// next exit means the guest wrote CR8.
@@ -81,6 +92,7 @@ impl UserspaceIrqchip {
             policy,
             lapic_timer_policy: LostTickPolicy::Discard,
             halt_poll: DEFAULT_HALT_POLL,
+            memory: None,
             vcpus: (0..vcpus)
                 .map(|_| Mutex::new(VcpuSide::default()))
                 .collect(),
@@ -100,6 +112,59 @@ impl UserspaceIrqchip {
     pub fn with_halt_poll(mut self, max: Duration) -> Self {
         self.halt_poll = max;
         self
+    }
+
+    /// Guest RAM, so the guest can use KVM's paravirtual EOI: an edge
+    /// interrupt it ends through the PV-EOI flag costs no EOI exit.
+    pub fn with_guest_memory(mut self, memory: GuestMemoryMmap) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// MSR_KVM_PV_EOI_EN write: the flag must be 4-byte aligned and in RAM.
+    fn set_pv_eoi(&self, index: usize, value: u64) -> std::result::Result<(), RaiseGp> {
+        let on = value & 1 != 0;
+        let addr = value & !1;
+        if on {
+            let Some(memory) = &self.memory else {
+                return Err(RaiseGp);
+            };
+            if !addr.is_multiple_of(4) || memory.write_obj(0u8, GuestAddress(addr)).is_err() {
+                return Err(RaiseGp);
+            }
+        }
+        let mut side = self.side(index);
+        side.pv_eoi_msr = value;
+        side.pv_eoi_pending = false;
+        Ok(())
+    }
+
+    /// The guest's PV-EOI flag byte, if PV-EOI is on for `index`.
+    fn pv_eoi_flag(&self, index: usize) -> Option<(&GuestMemoryMmap, GuestAddress)> {
+        let msr = self.side(index).pv_eoi_msr;
+        let memory = self.memory.as_ref()?;
+        (msr & 1 != 0).then_some((memory, GuestAddress(msr & !1)))
+    }
+
+    /// After an exit: if we offered a PV EOI and the guest took it (the flag
+    /// is clear), perform the EOI; otherwise withdraw the offer, so the
+    /// guest's EOI is a real one.
+    fn sync_pv_eoi_from_guest(&self, index: usize) {
+        if !std::mem::take(&mut self.side(index).pv_eoi_pending) {
+            return;
+        }
+        let Some((memory, flag)) = self.pv_eoi_flag(index) else {
+            return;
+        };
+        match memory.read_obj::<u8>(flag) {
+            Ok(0) => {
+                self.host
+                    .with_chip(Some(index), true, |chip, now| chip.pv_eoi(index, now));
+            }
+            _ => {
+                let _ = memory.write_obj(0u8, flag);
+            }
+        }
     }
 
     fn side(&self, index: usize) -> std::sync::MutexGuard<'_, VcpuSide> {
@@ -220,7 +285,8 @@ impl IrqchipBackend for UserspaceIrqchip {
             .enable_cap(&cap)
             .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
         // KVM would handle APIC_BASE and TSC_DEADLINE itself (badly, with no
-        // LAPIC): deny them, and the x2APIC range, so every access exits.
+        // LAPIC), and PV-EOI not at all: deny them, and the x2APIC range, so
+        // every access exits.
         let deny_one = [0u8; 1];
         let deny_x2apic = [0u8; 32];
         let both = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
@@ -234,6 +300,12 @@ impl IrqchipBackend for UserspaceIrqchip {
             MsrFilterRange {
                 flags: both,
                 base: MSR_TSC_DEADLINE,
+                msr_count: 1,
+                bitmap: &deny_one,
+            },
+            MsrFilterRange {
+                flags: both,
+                base: MSR_KVM_PV_EOI_EN,
                 msr_count: 1,
                 bitmap: &deny_one,
             },
@@ -323,11 +395,21 @@ impl IrqchipBackend for UserspaceIrqchip {
             // Anything still waiting needs a window after this one.
             let after = chip.pending(index);
             let window = after.extint || after.vector.is_some();
-            (cr8, nmi, vector, window)
+            let pv_eoi = matches!(decision, Decision::InjectVector(_))
+                && vector.is_some()
+                && chip.pv_eoi_allowed(index);
+            (cr8, nmi, vector, window, pv_eoi)
         });
-        let Some((cr8, nmi, vector, window)) = outcome else {
+        let Some((cr8, nmi, vector, window, pv_eoi)) = outcome else {
             return Ok(());
         };
+        if pv_eoi {
+            if let Some((memory, flag)) = self.pv_eoi_flag(index) {
+                if memory.write_obj(1u8, flag).is_ok() {
+                    self.side(index).pv_eoi_pending = true;
+                }
+            }
+        }
         ctx.set_cr8(cr8);
         if nmi {
             ctx.inject_nmi()?;
@@ -345,6 +427,7 @@ impl IrqchipBackend for UserspaceIrqchip {
     /// at the next entry.
     fn after_exit(&self, ctx: &mut VcpuCtx<'_>) {
         let index = ctx.index() as usize;
+        self.sync_pv_eoi_from_guest(index);
         let cr8_now = ctx.cr8();
         if cr8_now == self.last_cr8[index].load(Ordering::Relaxed) {
             return;
@@ -410,6 +493,9 @@ impl IrqchipBackend for UserspaceIrqchip {
     }
 
     fn msr_read(&self, vcpu: u32, index: u32) -> Option<std::result::Result<u64, RaiseGp>> {
+        if index == MSR_KVM_PV_EOI_EN {
+            return Some(Ok(self.side(vcpu as usize).pv_eoi_msr));
+        }
         self.host.with_chip(Some(vcpu as usize), false, |c, now| {
             c.msr_read(vcpu as usize, index, now)
         })
@@ -421,6 +507,9 @@ impl IrqchipBackend for UserspaceIrqchip {
         index: u32,
         value: u64,
     ) -> Option<std::result::Result<(), RaiseGp>> {
+        if index == MSR_KVM_PV_EOI_EN {
+            return Some(self.set_pv_eoi(vcpu as usize, value));
+        }
         self.host.with_chip(Some(vcpu as usize), true, |c, now| {
             c.msr_write(vcpu as usize, index, value, now)
         })

@@ -154,7 +154,7 @@ pub fn ram_ranges(ram_bytes: u64) -> Vec<(GuestAddress, usize)> {
 
 /// The irqchip backend of `mode` for `vm`: KVM's devices, KVM's LAPICs with
 /// our PIC/IOAPIC/PIT, or all of it ours.
-fn make_backend(cfg: &VmConfig, vm: &Vm) -> Arc<dyn IrqchipBackend> {
+fn make_backend(cfg: &VmConfig, vm: &Vm, memory: &GuestMemoryMmap) -> Arc<dyn IrqchipBackend> {
     let cpus = cfg.cpus as usize;
     match cfg.mode {
         IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(vm.fd().clone())),
@@ -164,7 +164,8 @@ fn make_backend(cfg: &VmConfig, vm: &Vm) -> Arc<dyn IrqchipBackend> {
         IrqchipMode::Userspace => Arc::new(
             UserspaceIrqchip::new(vm.fd().clone(), cpus, cfg.pit_lost_ticks)
                 .with_lapic_timer_policy(cfg.lapic_lost_ticks)
-                .with_halt_poll(cfg.halt_poll),
+                .with_halt_poll(cfg.halt_poll)
+                .with_guest_memory(memory.clone()),
         ),
     }
 }
@@ -198,7 +199,7 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
     }
     vm.register_memory(&memory)
         .map_err(host("cannot register guest memory"))?;
-    let backend = make_backend(cfg, &vm);
+    let backend = make_backend(cfg, &vm, &memory);
     backend
         .setup_vm(&vm)
         .map_err(host("cannot set up the irqchip"))?;
