@@ -3,7 +3,7 @@
 //!
 //! A 100 Hz PIT (IRQ 0 through the IOAPIC) and a 1 kHz LAPIC periodic timer
 //! run together over a window measured with the TSC; each count must be
-//! the window over the period within 5%, or with `exact` on the command
+//! the window over the period within 10%, or with `exact` on the command
 //! line within one tick plus the calibration error (0.1%, from a 200 ms
 //! calibration against the PIT). With `stall` on the
 //! command line the window is 3 s and the guest prints `# stall-now` one
@@ -113,6 +113,7 @@ fn main(boot: &'static Boot) -> ! {
         pit_min_period(clocks);
         lapic_min_period(clocks);
         tsc_deadline_never_early(clocks);
+        nmi_watchdog();
     }
     boot.ioapic.mask(pin);
     report::finish()
@@ -144,14 +145,15 @@ fn start_lapic_periodic(count: u32) {
 }
 
 /// `got` ticks against `window_tsc / period_tsc`: with `exact`, within one
-/// tick plus 0.1% (what reinject promises); otherwise within 5%, a rate
-/// check that a discarding timer on a busy host still meets.
+/// tick plus 0.1% (what reinject promises); otherwise within 10%, a rate
+/// check (a wrong divider or period is off by far more) that a discarding
+/// timer on a loaded 2-core host still meets.
 fn check_count(name: &str, got: u32, window_tsc: u64, period_tsc: u64, exact: bool) {
     let expected = window_tsc / period_tsc.max(1);
     let slack = if exact {
         1 + expected / 1000
     } else {
-        expected / 20
+        expected / 10
     };
     let got = u64::from(got);
     if got.abs_diff(expected) <= slack {
@@ -232,7 +234,8 @@ fn pit_min_period(clocks: Clocks) {
     wait_until(window * 1000 / clocks.tsc_per_ms.max(1), || false);
     pit::stop();
     let ticks = u64::from(PIT_TICKS.load(Ordering::Acquire));
-    let most = elapsed_us(clocks, start) / MIN_PERIOD_US + 1;
+    // One tick of slack at each end of the window.
+    let most = elapsed_us(clocks, start) / MIN_PERIOD_US + 2;
     if ticks <= most && ticks > 0 {
         report::pass("pit-min-period");
     } else {
@@ -256,7 +259,8 @@ fn lapic_min_period(clocks: Clocks) {
     run_until(start + window, |_| {});
     lapic::timer_stop();
     let ticks = u64::from(LAPIC_TICKS.load(Ordering::Acquire));
-    let most = elapsed_us(clocks, start) / MIN_PERIOD_US + 1;
+    // One tick of slack at each end of the window.
+    let most = elapsed_us(clocks, start) / MIN_PERIOD_US + 2;
     if ticks <= most && ticks > 0 {
         report::pass("lapic-min-period");
     } else {
@@ -265,6 +269,60 @@ fn lapic_min_period(clocks: Clocks) {
             .u(most)
             .s(" ticks, got ")
             .u(ticks)
+            .print();
+    }
+}
+
+/// LVT0 offset (not among the runtime's register names).
+const LVT_LINT0: u32 = 0x350;
+/// LVT delivery mode NMI.
+const LVT_NMI: u32 = 0b100 << 8;
+
+/// The PIT NMI watchdog: with LVT0 in NMI mode each PIT tick (100 Hz, also
+/// taken on its IOAPIC pin, so a reinjecting PIT keeps ticking) is an NMI
+/// too; with LVT0 masked again, no more come. A split irqchip reads LVT0
+/// back every 10 ms, so one or two ticks at either end may differ.
+fn nmi_watchdog() {
+    const NAME: &str = "nmi-watchdog";
+    cpu::set_handler(2, |_| {});
+    let saved = lapic::read(LVT_LINT0);
+    let nmis = || cpu::count(0, 2);
+    lapic::write(LVT_LINT0, LVT_NMI);
+    let (ticks0, nmis0) = (PIT_TICKS.load(Ordering::Acquire), nmis());
+    pit::set_rate(PIT_RELOAD);
+    // With the LAPIC timer as a watchdog, as in pit-min-period: KVM's LAPIC
+    // on some hosts leaves a tick pending until an unrelated event.
+    wait_until(300_000, || false);
+    let (ticks, got) = (PIT_TICKS.load(Ordering::Acquire) - ticks0, nmis() - nmis0);
+    lapic::write(LVT_LINT0, lapic::LVT_MASKED | LVT_NMI);
+    let (ticks1, nmis1) = (PIT_TICKS.load(Ordering::Acquire), nmis());
+    wait_until(100_000, || false);
+    let (ticks_off, after) = (PIT_TICKS.load(Ordering::Acquire) - ticks1, nmis() - nmis1);
+    pit::stop();
+    lapic::write(LVT_LINT0, saved);
+    Line::new()
+        .s("# nmi-watchdog: ")
+        .u(got.into())
+        .s(" NMIs for ")
+        .u(ticks.into())
+        .s(" ticks; ")
+        .u(after.into())
+        .s(" NMIs for ")
+        .u(ticks_off.into())
+        .s(" ticks with LVT0 masked")
+        .print();
+    if ticks >= 10 && got + 2 >= ticks && got <= ticks + 1 && after <= 2 && ticks_off >= 3 {
+        report::pass(NAME);
+    } else {
+        report::fail_line(NAME)
+            .s("expected one NMI per tick (+0/-2) and at most 2 after masking, got ")
+            .u(got.into())
+            .s(" for ")
+            .u(ticks.into())
+            .s(", then ")
+            .u(after.into())
+            .s(" for ")
+            .u(ticks_off.into())
             .print();
     }
 }

@@ -16,7 +16,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::{
-    resolve, ApicAddressing, ApicBus, DeliveryMode, InterruptMessage, IrqStatus,
+    resolve, ApicAddressing, ApicBus, DeliveryMode, DestinationFormat, DestinationMode,
+    InterruptMessage, IrqStatus, Shorthand, TriggerMode,
 };
 use crate::inject::{Decision, PendingEvents};
 use crate::ioapic::{Ioapic, IoapicVersion, IOAPIC_BASE, IOAPIC_PINS};
@@ -165,6 +166,9 @@ pub struct Chipset {
     addressing: Vec<ApicAddressing>,
     /// An ExtINT message (not the LINT0 wire) is waiting for each vCPU.
     extint: Vec<bool>,
+    /// External LAPICs (split mode) whose LVT0 the caller saw in NMI mode,
+    /// by APIC ID, for the NMI watchdog.
+    external_lvt0_nmi: Vec<u32>,
     routing: RoutingTable,
     levels: LineLevels,
     /// Level sources lowered by the guest's acknowledgement of their GSI
@@ -204,6 +208,7 @@ impl Chipset {
             pic: Pic::new(),
             ioapic: Ioapic::new(config.ioapic_version),
             extint: vec![false; lapics.len()],
+            external_lvt0_nmi: Vec::new(),
             lapics,
             addressing,
             routing: RoutingTable::default_pc(),
@@ -709,9 +714,33 @@ impl Chipset {
         self.collect_acks(now_ns);
     }
 
+    /// With external LAPICs: the caller saw the LAPIC with `apic_id` set
+    /// its LVT0 to NMI mode (`on`) or leave it; the NMI watchdog then sends
+    /// it each PIT tick as an NMI message.
+    pub fn set_external_lvt0_nmi(&mut self, apic_id: u32, on: bool) {
+        self.external_lvt0_nmi.retain(|&id| id != apic_id);
+        if on {
+            self.external_lvt0_nmi.push(apic_id);
+        }
+    }
+
     /// Virtual-wire NMI watchdog: each PIT tick is also an NMI to every vCPU
     /// whose LVT0 is in NMI mode.
     fn nmi_watchdog(&mut self) {
+        for &apic_id in &self.external_lvt0_nmi {
+            self.events
+                .push(ChipEvent::ExternalMessage(InterruptMessage {
+                    vector: 0,
+                    delivery_mode: DeliveryMode::Nmi,
+                    destination_mode: DestinationMode::Physical,
+                    trigger_mode: TriggerMode::Edge,
+                    level: true,
+                    destination: apic_id,
+                    format: DestinationFormat::X2Apic,
+                    shorthand: Shorthand::None,
+                    source: None,
+                }));
+        }
         for (cpu, lapic) in self.lapics.iter_mut().enumerate() {
             if lapic.lvt0_is_nmi() {
                 lapic.set_lint(0, true);

@@ -921,3 +921,43 @@ fn pv_eoi_is_allowed_for_a_lone_edge_vector_without_an_ioapic_pin() {
         "a PV EOI still acks"
     );
 }
+
+#[test]
+fn nmi_watchdog_reaches_external_lapics_the_caller_saw_in_lvt0_nmi_mode() {
+    // Discard, so every tick pulses without waiting for an ack.
+    let mut c = Chipset::new(ChipsetConfig {
+        vcpus: 2,
+        lapics: LapicPlacement::External,
+        ioapic_version: IoapicVersion::V20,
+        pit_policy: LostTickPolicy::Discard,
+        tsc_hz: 1_000_000_000,
+        tsc_offset: 0,
+    })
+    .expect("valid config");
+    mask_pics(&mut c);
+    program_pit(&mut c, 1193, 0);
+    let nmis = |c: &mut Chipset| -> Vec<u32> {
+        events(c)
+            .iter()
+            .filter_map(|e| match e {
+                ChipEvent::ExternalMessage(m)
+                    if m.delivery_mode == crate::delivery::DeliveryMode::Nmi =>
+                {
+                    Some(m.destination)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let tick = c.next_deadline().expect("PIT armed");
+    c.advance(tick);
+    assert!(nmis(&mut c).is_empty(), "no LVT0 in NMI mode yet");
+    c.set_external_lvt0_nmi(1, true);
+    let tick = c.next_deadline().expect("PIT armed");
+    c.advance(tick);
+    assert_eq!(nmis(&mut c), vec![1]);
+    c.set_external_lvt0_nmi(1, false);
+    let tick = c.next_deadline().expect("PIT armed");
+    c.advance(tick);
+    assert!(nmis(&mut c).is_empty());
+}

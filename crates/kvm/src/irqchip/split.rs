@@ -30,7 +30,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VmFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use virq::chipset::{Chipset, ChipsetConfig, LapicPlacement};
 use virq::delivery::{InterruptMessage, TriggerMode};
 use virq::inject::Decision;
@@ -50,20 +51,40 @@ pub struct SplitIrqchip {
     x2apic_api: Arc<AtomicBool>,
     /// The IOAPIC generation last mirrored into KVM's routes.
     mirrored: AtomicU64,
+    /// Per vCPU: when its LVT0 was last read from KVM's LAPIC, and whether it
+    /// was in NMI mode (for the PIT's NMI watchdog, which KVM's LAPIC cannot
+    /// tell us about otherwise).
+    lvt0: Vec<Mutex<(Option<Instant>, bool)>>,
 }
+
+/// How often a running vCPU's LVT0 is read back for the NMI watchdog.
+const LVT0_SAMPLE: Duration = Duration::from_millis(10);
+/// Offset of LVT0 in the LAPIC page.
+const APIC_LVT0: usize = 0x350;
 
 /// Offset of the spurious-interrupt vector register in the LAPIC page.
 const APIC_SVR: usize = 0xF0;
 /// SVR bit 12: EOIs of level vectors are not broadcast to the IOAPICs.
 const SVR_SUPPRESS_EOI_BROADCAST: u32 = 1 << 12;
 
-/// Whether the LAPIC page in `lapic` has EOI broadcasts suppressed.
-fn suppresses_eoi_broadcast(lapic: &kvm_lapic_state) -> bool {
-    let mut svr = [0u8; 4];
-    for (dst, src) in svr.iter_mut().zip(&lapic.regs[APIC_SVR..]) {
+/// The 32-bit register at `offset` of a KVM LAPIC page.
+fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let mut reg = [0u8; 4];
+    for (dst, src) in reg.iter_mut().zip(&lapic.regs[offset..]) {
         *dst = *src as u8;
     }
-    u32::from_le_bytes(svr) & SVR_SUPPRESS_EOI_BROADCAST != 0
+    u32::from_le_bytes(reg)
+}
+
+/// LVT0 unmasked with delivery mode NMI (bits 10:8 = 100b).
+fn lvt0_is_nmi(lapic: &kvm_lapic_state) -> bool {
+    let lvt0 = lapic_reg(lapic, APIC_LVT0);
+    lvt0 & (1 << 16) == 0 && (lvt0 >> 8) & 0x7 == 0b100
+}
+
+/// Whether the LAPIC page in `lapic` has EOI broadcasts suppressed.
+fn suppresses_eoi_broadcast(lapic: &kvm_lapic_state) -> bool {
+    lapic_reg(lapic, APIC_SVR) & SVR_SUPPRESS_EOI_BROADCAST != 0
 }
 
 /// The MSI that makes KVM's LAPICs deliver `msg`.
@@ -106,6 +127,7 @@ impl SplitIrqchip {
             policy,
             x2apic_api,
             mirrored: AtomicU64::new(u64::MAX),
+            lvt0: (0..vcpus).map(|_| Mutex::new((None, false))).collect(),
         }
     }
 
@@ -249,6 +271,31 @@ impl IrqchipBackend for SplitIrqchip {
     fn on_hlt(&self, _vcpu: &mut VcpuCtx<'_>) -> HltAction {
         // HLT is KVM's (its LAPIC is in the kernel).
         HltAction::Resume
+    }
+
+    /// Reads LVT0 back from KVM's LAPIC at most every 10 ms of exits, so
+    /// the PIT's NMI watchdog knows which vCPUs want its ticks as NMIs.
+    fn after_exit(&self, vcpu: &mut VcpuCtx<'_>) {
+        let index = vcpu.index() as usize;
+        let Some(slot) = self.lvt0.get(index) else {
+            return;
+        };
+        let mut sample = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if sample.0.is_some_and(|t| t.elapsed() < LVT0_SAMPLE) {
+            return;
+        }
+        let Ok(lapic) = vcpu.fd().get_lapic() else {
+            return;
+        };
+        let nmi = lvt0_is_nmi(&lapic);
+        let changed = sample.0.is_none() || sample.1 != nmi;
+        *sample = (Some(Instant::now()), nmi);
+        drop(sample);
+        if changed {
+            self.host.with_chip(Some(index), true, |c, _| {
+                c.set_external_lvt0_nmi(index as u32, nmi)
+            });
+        }
     }
 
     fn on_ioapic_eoi(&self, vcpu: &mut VcpuCtx<'_>, vector: u8) {
