@@ -118,6 +118,18 @@ pub enum RoutingError {
     SourceIdOutOfRange(u8),
 }
 
+/// Whether `route` leads to one of these PIC IRQs or IOAPIC pins.
+fn route_acked(route: &Route, pic_irqs: u16, ioapic_pins: u32) -> bool {
+    match *route {
+        Route::Pic { chip, pin } => {
+            let irq = pin + if chip == PicChip::Slave { 8 } else { 0 };
+            irq < 16 && pic_irqs & (1 << irq) != 0
+        }
+        Route::Ioapic { pin } => pin < 32 && ioapic_pins & (1 << pin) != 0,
+        Route::Msi(_) => false,
+    }
+}
+
 /// Saved form of a [`RoutingTable`]: its entries.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoutingTableState {
@@ -246,18 +258,18 @@ impl RoutingTable {
     /// pin: `pic_irqs` bit n is PIC input n (8-15 on the slave), `ioapic_pins`
     /// bit n is IOAPIC pin n. One pass, no allocation: this runs on every EOI.
     pub fn gsis_acked(&self, pic_irqs: u16, ioapic_pins: u32) -> impl Iterator<Item = u32> + '_ {
-        let acked = move |route: &Route| match *route {
-            Route::Pic { chip, pin } => {
-                let irq = pin + if chip == PicChip::Slave { 8 } else { 0 };
-                irq < 16 && pic_irqs & (1 << irq) != 0
-            }
-            Route::Ioapic { pin } => pin < 32 && ioapic_pins & (1 << pin) != 0,
-            Route::Msi(_) => false,
-        };
         (0u32..)
             .zip(&self.by_gsi)
-            .filter(move |(_, routes)| routes.iter().any(acked))
+            .filter(move |(_, routes)| routes.iter().any(|r| route_acked(r, pic_irqs, ioapic_pins)))
             .map(|(gsi, _)| gsi)
+    }
+
+    /// Whether `gsi` is routed to one of these PIC IRQs or IOAPIC pins
+    /// (one GSI of [`RoutingTable::gsis_acked`]).
+    pub fn gsi_acked(&self, gsi: u32, pic_irqs: u16, ioapic_pins: u32) -> bool {
+        self.routes(gsi)
+            .iter()
+            .any(|r| route_acked(r, pic_irqs, ioapic_pins))
     }
 
     /// Save the table.

@@ -319,17 +319,7 @@ impl Chipset {
     fn lower_resampled(&mut self, pic_irqs: u16, ioapic_pins: u32, now_ns: u64) {
         for i in 0..self.resample.len() {
             let (gsi, source) = self.resample[i];
-            let acked = self.routing.routes(gsi).iter().any(|route| match *route {
-                Route::Pic { chip, pin } => {
-                    let irq = match chip {
-                        PicChip::Master => pin,
-                        PicChip::Slave => pin + 8,
-                    };
-                    pic_irqs & (1 << irq) != 0
-                }
-                Route::Ioapic { pin } => ioapic_pins & (1 << pin) != 0,
-                Route::Msi(_) => false,
-            });
+            let acked = self.routing.gsi_acked(gsi, pic_irqs, ioapic_pins);
             if acked && self.levels.source_level(gsi, source) {
                 self.set_gsi(gsi, source, false, now_ns);
             }
@@ -584,11 +574,8 @@ impl Chipset {
             return true;
         }
         if (IOAPIC_BASE..IOAPIC_BASE + PAGE).contains(&addr) {
-            let offset = addr - IOAPIC_BASE;
-            if offset & 0xFF == crate::ioapic::IOEOI && self.ioapic.version().has_eoi_register() {
-                if let Some(&vector) = data.first() {
-                    self.resample_before_ioapic_eoi(vector, now_ns);
-                }
+            if let Some(vector) = self.ioapic.directed_eoi(addr - IOAPIC_BASE, data) {
+                self.resample_before_ioapic_eoi(vector, now_ns);
             }
             let pit_pin_masked = self.pit_pin_masked();
             let (mut bus, ioapic) = self.bus(now_ns);

@@ -305,9 +305,20 @@ impl Ioapic {
                     self.write_indirect(u32::from_le_bytes(bytes), bus);
                 }
             }
-            IOEOI if self.version.has_eoi_register() => self.eoi(low_byte, now_ns, bus),
+            IOEOI => {
+                if let Some(vector) = self.directed_eoi(offset, data) {
+                    self.eoi(vector, now_ns, bus);
+                }
+            }
             _ => {}
         }
+    }
+
+    /// The vector a write of `data` at `offset` ends through the EOI
+    /// register (version 0x20 only), if it is such a write.
+    pub fn directed_eoi(&self, offset: u64, data: &[u8]) -> Option<u8> {
+        let vector = *data.first()?;
+        (offset & 0xFF == IOEOI && self.version.has_eoi_register()).then_some(vector)
     }
 
     /// Value of the register IOREGSEL selects; all ones if there is none.
