@@ -205,9 +205,9 @@ pub struct IrqfdBinding<'a> {
 /// Who serves a source, so that dropping it undoes exactly that.
 enum Served {
     /// KVM, bound to this GSI.
-    Kernel { gsi: u32 },
+    Kernel { action: SourceAction, gsi: u32 },
     /// Our event loop, at this token.
-    Loop { token: usize },
+    Loop { action: SourceAction, token: usize },
     /// A doorbell's ioeventfd.
     Doorbell {
         address: DoorbellAddress,
@@ -218,7 +218,6 @@ enum Served {
 /// A handle's registration; undone on drop.
 struct Binding {
     shared: Arc<Shared>,
-    action: Option<SourceAction>,
     /// A second descriptor of the trigger (or doorbell) eventfd, for KVM's
     /// deassign calls, which name the eventfd.
     fd: EventFd,
@@ -228,46 +227,44 @@ struct Binding {
 impl Drop for Binding {
     fn drop(&mut self) {
         let shared = &self.shared;
-        let result = match (&self.served, self.action) {
-            (Served::Kernel { gsi }, Some(action)) => {
+        let (result, action) = match self.served {
+            Served::Kernel { action, gsi } => {
                 let binding = IrqfdBinding {
                     action,
                     trigger: &self.fd,
                     resample: None,
                 };
-                shared.backend.unbind_irqfd(&binding, *gsi)
+                (shared.backend.unbind_irqfd(&binding, gsi), Some(action))
             }
-            (Served::Loop { token }, _) => {
+            Served::Loop { action, token } => {
                 let mut state = lock(&shared.state);
-                if let Some(slot) = state.actions.get_mut(*token) {
+                if let Some(slot) = state.actions.get_mut(token) {
                     *slot = None;
                 }
-                state.free_tokens.push(*token);
+                state.free_tokens.push(token);
                 let _ = shared.epoll.ctl(
                     ControlOperation::Delete,
                     self.fd.as_raw_fd(),
                     EpollEvent::default(),
                 );
-                if let Some(SourceAction::Level { gsi, source }) = self.action {
+                if let SourceAction::Level { gsi, source } = action {
                     shared.backend.unwatch_resample(gsi, source);
                 }
-                Ok(())
+                (Ok(()), Some(action))
             }
-            (Served::Doorbell { address, datamatch }, _) => {
+            Served::Doorbell { address, datamatch } => {
                 let addr = address.kvm();
-                match datamatch {
+                let result = match datamatch {
                     None => shared.vm.unregister_ioevent(&self.fd, &addr, NoDatamatch),
-                    Some(value) => shared.vm.unregister_ioevent(&self.fd, &addr, *value),
-                }
-                .map_err(ioctl_err("KVM_IOEVENTFD(DEASSIGN)"))
+                    Some(value) => shared.vm.unregister_ioevent(&self.fd, &addr, value),
+                };
+                (result.map_err(ioctl_err("KVM_IOEVENTFD(DEASSIGN)")), None)
             }
-            (Served::Kernel { .. }, None) => Ok(()),
         };
         if let Err(e) = result {
             tracing::warn!("releasing an interrupt source: {e}");
         }
-        if let Some(SourceAction::Edge { source, .. } | SourceAction::Level { source, .. }) =
-            self.action
+        if let Some(SourceAction::Edge { source, .. } | SourceAction::Level { source, .. }) = action
         {
             lock(&shared.free_sources).push(source);
         }
@@ -359,27 +356,35 @@ impl InterruptSources {
         Ok(id)
     }
 
-    /// Hands `trigger` to the kernel if the backend can, or to our loop.
+    /// Hands `trigger` (and a level source's `resample`) to the kernel if
+    /// the backend can, or to our loop, with our chipset resampling.
     fn bind(
         &self,
         action: SourceAction,
         trigger: &EventFd,
-        resample: Option<&EventFd>,
+        resample: Option<&Arc<EventFd>>,
     ) -> std::result::Result<Binding, SourceError> {
         let binding = IrqfdBinding {
             action,
             trigger,
-            resample,
+            resample: resample.map(|r| &**r),
         };
         let served = match self.shared.backend.bind_irqfd(&binding)? {
-            Some(gsi) => Served::Kernel { gsi },
-            None => Served::Loop {
-                token: self.bind_to_loop(action, trigger)?,
-            },
+            Some(gsi) => Served::Kernel { action, gsi },
+            None => {
+                if let (SourceAction::Level { gsi, source }, Some(resample)) = (action, resample) {
+                    self.shared
+                        .backend
+                        .watch_resample(gsi, source, resample.clone())?;
+                }
+                Served::Loop {
+                    action,
+                    token: self.bind_to_loop(action, trigger)?,
+                }
+            }
         };
         Ok(Binding {
             shared: self.shared.clone(),
-            action: Some(action),
             fd: dup(trigger)?,
             served,
         })
@@ -443,47 +448,12 @@ impl InterruptSources {
         let resample = Arc::new(EventFd::new(0).map_err(host("eventfd"))?);
         let source = self.new_source_id()?;
         let action = SourceAction::Level { gsi, source };
-        let bound = self.level_binding(action, &trigger, &resample);
+        let bound = self.bind(action, &trigger, Some(&resample));
         let binding = bound.inspect_err(|_| lock(&self.shared.free_sources).push(source))?;
         Ok(LevelSource {
             trigger,
             resample,
             _binding: binding,
-        })
-    }
-
-    fn level_binding(
-        &self,
-        action: SourceAction,
-        trigger: &EventFd,
-        resample: &Arc<EventFd>,
-    ) -> std::result::Result<Binding, SourceError> {
-        let SourceAction::Level { gsi, source } = action else {
-            return Err(SourceError::Kvm(crate::Error::Unsupported(
-                "not a level source",
-            )));
-        };
-        let binding = IrqfdBinding {
-            action,
-            trigger,
-            resample: Some(resample),
-        };
-        let served = match self.shared.backend.bind_irqfd(&binding)? {
-            Some(kernel_gsi) => Served::Kernel { gsi: kernel_gsi },
-            None => {
-                self.shared
-                    .backend
-                    .watch_resample(gsi, source, resample.clone())?;
-                Served::Loop {
-                    token: self.bind_to_loop(action, trigger)?,
-                }
-            }
-        };
-        Ok(Binding {
-            shared: self.shared.clone(),
-            action: Some(action),
-            fd: dup(trigger)?,
-            served,
         })
     }
 
@@ -504,7 +474,6 @@ impl InterruptSources {
         .map_err(ioctl_err("KVM_IOEVENTFD"))?;
         let binding = Binding {
             shared: self.shared.clone(),
-            action: None,
             fd: dup(&fd)?,
             served: Served::Doorbell { address, datamatch },
         };
