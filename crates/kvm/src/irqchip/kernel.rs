@@ -98,13 +98,13 @@ impl KernelIrqchip {
     /// A GSI whose only route is this MSI, for an irqfd: the lowest one
     /// from [`FIRST_MSI_GSI`] that no other MSI source holds.
     fn add_msi_route(&self, address: u64, data: u32) -> Result<u32> {
-        // KVM would deliver whatever the route says; the other modes drop
-        // what our decoder rejects, so refuse such a source here.
-        if (MsiMessage { address, data }).decode().is_err() {
+        // KVM would deliver whatever the route says; refuse what the other
+        // modes drop, as send_msi does.
+        let Some(msi) = signalled_msi(address, data) else {
             return Err(crate::Error::Unsupported(
                 "an MSI source with an address the MSI decoder rejects",
             ));
-        }
+        };
         let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
         let gsi = (FIRST_MSI_GSI..)
             .find(|g| routes.iter().all(|r| r.gsi != *g))
@@ -116,9 +116,9 @@ impl KernelIrqchip {
             pad: 0,
             u: kvm_irq_routing_entry__bindgen_ty_1 {
                 msi: kvm_irq_routing_msi {
-                    address_lo: address as u32,
-                    address_hi: (address >> 32) as u32,
-                    data,
+                    address_lo: msi.address_lo,
+                    address_hi: msi.address_hi,
+                    data: msi.data,
                     ..Default::default()
                 },
             },
