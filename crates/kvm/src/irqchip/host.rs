@@ -256,10 +256,14 @@ impl ChipHost {
         // Something may already be there.
         parking.hint.store(true, Ordering::Relaxed);
         while u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX) < window_ns {
-            if stop() || !lock(&parking.state).startups.is_empty() {
+            if stop() {
                 return true;
             }
-            if parking.hint.swap(false, Ordering::Acquire) && ready(&lock(chip)) {
+            // Startups and chipset events both notify, so the locks are only
+            // taken once a hint says something changed.
+            if parking.hint.swap(false, Ordering::Acquire)
+                && (!lock(&parking.state).startups.is_empty() || ready(&lock(chip)))
+            {
                 return true;
             }
             std::hint::spin_loop();
