@@ -289,6 +289,15 @@ pub(crate) fn le_value(data: &[u8]) -> u64 {
         .fold(0, |acc, (i, b)| acc | (u64::from(*b) << (8 * i)))
 }
 
+/// Fills a read of any width with `value`'s little-endian bytes (zero past
+/// the fourth).
+pub(crate) fn put_le(data: &mut [u8], value: u32) {
+    let bytes = value.to_le_bytes();
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = bytes.get(i).copied().unwrap_or(0);
+    }
+}
+
 /// Test helpers shared by the device modules.
 #[cfg(test)]
 pub(crate) mod test_util {

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use virq_kvm::sources::{InterruptSources, LevelSource, SourceError};
 
-use super::{le_value, PioAction, PioDevice};
+use super::{le_value, put_le, PioAction, PioDevice};
 
 /// First port.
 pub const BASE: u16 = 0x2520;
@@ -161,10 +161,7 @@ impl PioDevice for PassthroughLine {
             0xC => lock(&self.shared.line).produced,
             _ => 0,
         };
-        let bytes = value.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(i).copied().unwrap_or(0);
-        }
+        put_le(data, value);
     }
 
     fn write(&mut self, port: u16, data: &[u8]) -> PioAction {

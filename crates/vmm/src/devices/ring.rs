@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use virq_kvm::sources::{Doorbell, DoorbellAddress, InterruptSources, MsiSource, SourceError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{le_value, PioAction, PioDevice};
+use super::{le_value, put_le, PioAction, PioDevice};
 
 /// First port.
 pub const BASE: u16 = 0x2500;
@@ -212,10 +212,7 @@ impl PioDevice for RingDevice {
             0x18 => self.status,
             _ => 0,
         };
-        let bytes = value.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(i).copied().unwrap_or(0);
-        }
+        put_le(data, value);
     }
 
     fn write(&mut self, port: u16, data: &[u8]) -> PioAction {
