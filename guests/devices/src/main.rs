@@ -131,16 +131,9 @@ fn main(boot: &'static Boot) -> ! {
 entry!(main);
 
 fn start_ap(boot: &Boot) -> Option<usize> {
-    let p = &boot.platform;
-    if p.cpu_count < 2 {
-        return None;
-    }
-    smp::start_aps(&p.apic_ids[..p.cpu_count], ap_main);
-    if smp::is_online(1) && wait_until(TIMEOUT_US, || AP_READY.load(Ordering::Acquire)) {
-        Some(1)
-    } else {
-        None
-    }
+    smp::start_first_ap(&boot.platform, ap_main, &AP_READY, TIMEOUT_US)
+        .ok()
+        .map(|_| 1)
 }
 
 /// The AP only takes interrupts.

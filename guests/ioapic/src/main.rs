@@ -240,18 +240,10 @@ fn main(boot: &'static Boot) -> ! {
 entry!(main);
 
 fn start_ap(boot: &Boot) -> (Option<u8>, &'static str) {
-    let p = &boot.platform;
-    if p.cpu_count < 2 {
-        return (None, "one CPU");
+    match smp::start_first_ap(&boot.platform, ap_main, &AP_READY, TIMEOUT_US) {
+        Ok(apic_id) => (Some(apic_id as u8), ""),
+        Err(why) => (None, why),
     }
-    smp::start_aps(&p.apic_ids[..p.cpu_count], ap_main);
-    if !smp::is_online(1) {
-        return (None, "the AP did not start");
-    }
-    if !wait_until(TIMEOUT_US, || AP_READY.load(Ordering::Acquire)) {
-        return (None, "the AP did not get ready");
-    }
-    (Some(cpu::apic_id_of(1) as u8), "")
 }
 
 /// The AP takes interrupts and nothing else.

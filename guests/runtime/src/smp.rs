@@ -15,6 +15,29 @@ static AP_MAIN: AtomicUsize = AtomicUsize::new(0);
 /// Code an AP runs once it is up (with its CPU index); it should HLT when idle.
 pub type ApMain = fn(usize) -> !;
 
+/// Starts the APs the firmware tables list, each running `main`, and waits
+/// up to `timeout_us` for the first AP (CPU 1) to set `ready`. Returns its
+/// APIC ID, or why there is none ("one CPU", or that it did not start or
+/// get ready).
+pub fn start_first_ap(
+    platform: &crate::platform::Platform,
+    main: ApMain,
+    ready: &AtomicBool,
+    timeout_us: u64,
+) -> Result<u32, &'static str> {
+    if platform.cpu_count < 2 {
+        return Err("one CPU");
+    }
+    start_aps(&platform.apic_ids[..platform.cpu_count], main);
+    if !is_online(1) {
+        return Err("the AP did not start");
+    }
+    if !crate::time::wait_until(timeout_us, || ready.load(Ordering::Acquire)) {
+        return Err("the AP did not get ready");
+    }
+    Ok(cpu::apic_id_of(1))
+}
+
 /// Whether CPU `cpu` has come up.
 pub fn is_online(cpu: usize) -> bool {
     ONLINE.get(cpu).is_some_and(|o| o.load(Ordering::Acquire))
