@@ -14,6 +14,8 @@
 //! - [`delivery`]: APIC bus messages and destination resolution;
 //! - [`routing`]: the GSI routing table and per-source line levels;
 //! - [`inject`]: which event a vCPU takes next, given its interruptibility;
+//! - [`posted`]: device MSIs posted into a vCPU's requests without the
+//!   chipset's lock (the one part meant to be shared between threads);
 //! - [`chipset`]: all of the above wired together as on the board.
 //!
 //! # Example: a userspace irqchip's vCPU loop, in miniature
@@ -61,6 +63,7 @@ pub mod lapic;
 pub mod msi;
 pub mod pic;
 pub mod pit;
+pub mod posted;
 pub mod routing;
 
 /// The answer "raise #GP in the guest" to an MSR access, for the caller to act on.

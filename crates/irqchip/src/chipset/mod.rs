@@ -14,6 +14,7 @@
 //! EOIs come back through [`Chipset::ioapic_eoi`].
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use crate::delivery::{
     resolve, ApicAddressing, ApicBus, DeliveryMode, DestinationFormat, DestinationMode,
@@ -25,6 +26,7 @@ use crate::lapic::{Lapic, LapicConfig, StartupEvent};
 use crate::msi::{MsiError, MsiMessage};
 use crate::pic::Pic;
 use crate::pit::{LostTickPolicy, Pit};
+use crate::posted::{vectors, PostedInterrupts};
 use crate::routing::{combine, LineLevels, PicChip, Route, RoutingError, RoutingTable, SourceId};
 use crate::{RaiseGp, MAX_VCPUS};
 
@@ -120,6 +122,7 @@ pub enum ChipsetError {
 struct Bus<'a> {
     lapics: &'a mut [Lapic],
     addressing: &'a mut [ApicAddressing],
+    posted: &'a PostedInterrupts,
     extint: &'a mut [bool],
     events: &'a mut Vec<ChipEvent>,
     now_ns: u64,
@@ -149,11 +152,26 @@ impl ApicBus for Bus<'_> {
                 }
                 _ => {}
             }
-            self.addressing[cpu] = lapic.addressing();
+            refresh(self.addressing, self.posted, cpu, lapic);
             self.events.push(ChipEvent::Kick(cpu));
         }
         accepted
     }
+}
+
+/// Brings the addressing cache and the posted-interrupt directory up to
+/// date with `lapic`, vCPU `cpu`'s LAPIC.
+fn refresh(
+    addressing: &mut [ApicAddressing],
+    posted: &PostedInterrupts,
+    cpu: usize,
+    lapic: &Lapic,
+) {
+    let a = lapic.addressing();
+    if let Some(slot) = addressing.get_mut(cpu) {
+        *slot = a;
+    }
+    posted.publish(cpu, a.apic_id, a.x2apic, a.hw_enabled);
 }
 
 /// The interrupt hardware of one PC.
@@ -164,6 +182,8 @@ pub struct Chipset {
     lapics: Vec<Lapic>,
     /// `lapics[i].addressing()`, kept current so delivery needs no rebuild.
     addressing: Vec<ApicAddressing>,
+    /// The lock-free door for device MSIs, and the APIC IDs it looks up.
+    posted: Arc<PostedInterrupts>,
     /// An ExtINT message (not the LINT0 wire) is waiting for each vCPU.
     extint: Vec<bool>,
     /// External LAPICs (split mode) whose LVT0 the caller saw in NMI mode,
@@ -200,7 +220,11 @@ impl Chipset {
                 })
                 .collect(),
         };
-        let addressing = lapics.iter().map(Lapic::addressing).collect();
+        let addressing: Vec<ApicAddressing> = lapics.iter().map(Lapic::addressing).collect();
+        let posted = PostedInterrupts::new(config.vcpus, config.lapics == LapicPlacement::External);
+        for (cpu, a) in addressing.iter().enumerate() {
+            posted.publish(cpu, a.apic_id, a.x2apic, a.hw_enabled);
+        }
         let mut pit = Pit::new();
         pit.set_policy(config.pit_policy);
         Ok(Self {
@@ -211,6 +235,7 @@ impl Chipset {
             external_lvt0_nmi: Vec::new(),
             lapics,
             addressing,
+            posted: Arc::new(posted),
             routing: RoutingTable::default_pc(),
             levels: LineLevels::new(),
             resample: Vec::new(),
@@ -351,6 +376,7 @@ impl Chipset {
             Bus {
                 lapics: &mut self.lapics,
                 addressing: &mut self.addressing,
+                posted: &self.posted,
                 extint: &mut self.extint,
                 events: &mut self.events,
                 now_ns,
@@ -406,6 +432,46 @@ impl Chipset {
     pub fn send_msi(&mut self, msi: MsiMessage, now_ns: u64) -> Result<IrqStatus, ChipsetError> {
         let msg = msi.decode()?;
         Ok(self.deliver_message(&msg, now_ns))
+    }
+
+    /// The door device threads post MSIs through without this chipset's
+    /// lock ([`crate::posted`]). An owner that hands it out must call
+    /// [`Chipset::accept_posted`] whenever it takes its lock, before it looks
+    /// at or changes the LAPICs.
+    pub fn posted(&self) -> Arc<PostedInterrupts> {
+        self.posted.clone()
+    }
+
+    /// Accepts every vector posted through [`Chipset::posted`] since the
+    /// last call into the target LAPICs, as their bus messages would be.
+    pub fn accept_posted(&mut self, now_ns: u64) {
+        self.counts.msi += self.posted.take_count();
+        if !self.posted.take_any() {
+            return;
+        }
+        for cpu in 0..self.posted.vcpus() {
+            let Some(words) = self.posted.take(cpu) else {
+                continue;
+            };
+            let Some(lapic) = self.lapics.get_mut(cpu) else {
+                continue;
+            };
+            let mut msg = InterruptMessage {
+                vector: 0,
+                delivery_mode: DeliveryMode::Fixed,
+                destination_mode: DestinationMode::Physical,
+                trigger_mode: TriggerMode::Edge,
+                level: true,
+                destination: lapic.addressing().apic_id,
+                format: DestinationFormat::XApic,
+                shorthand: Shorthand::None,
+                source: None,
+            };
+            for vector in vectors(words) {
+                msg.vector = vector;
+                lapic.accept(&msg, now_ns);
+            }
+        }
     }
 
     fn deliver_msi(&mut self, msi: MsiMessage, now_ns: u64) -> IrqStatus {
@@ -650,7 +716,7 @@ impl Chipset {
 
     fn lapic_effects(&mut self, vcpu: usize, effects: crate::lapic::LapicEffects, now_ns: u64) {
         if let Some(lapic) = self.lapics.get(vcpu) {
-            self.addressing[vcpu] = lapic.addressing();
+            refresh(&mut self.addressing, &self.posted, vcpu, lapic);
         }
         if let Some(eoi) = effects.eoi {
             if eoi.broadcast {
@@ -775,7 +841,7 @@ impl Chipset {
             Decision::InjectVector(_) => {
                 let lapic = self.lapics.get_mut(vcpu)?;
                 let v = lapic.acknowledge();
-                self.addressing[vcpu] = lapic.addressing();
+                refresh(&mut self.addressing, &self.posted, vcpu, lapic);
                 v
             }
             Decision::RequestWindow | Decision::Idle => None,

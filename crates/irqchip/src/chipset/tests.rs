@@ -214,6 +214,84 @@ fn msi_reaches_its_destination_lapic_only() {
     assert!(matches!(c.send_msi(bad, 0), Err(ChipsetError::Msi(_))));
 }
 
+fn posted_msi(dest: u32, vector: u8) -> MsiMessage {
+    MsiMessage {
+        address: 0xFEE0_0000 | u64::from(dest) << 12,
+        data: u32::from(vector),
+    }
+}
+
+#[test]
+fn posted_msi_is_accepted_by_its_lapic_as_a_sent_one_is() {
+    use crate::posted::Posted;
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    let door = c.posted();
+    assert_eq!(door.post_msi(posted_msi(1, 0x51)), Some(Posted::Vcpu(1)));
+    assert_eq!(c.pending(1).vector, None, "on the bus until accepted");
+    c.accept_posted(0);
+    assert_eq!(take(&mut c, 0), None);
+    assert_eq!(take(&mut c, 1), Some(0x51));
+    assert_eq!(c.counts().msi, 1);
+    // A software-disabled LAPIC refuses it at acceptance, as it would refuse
+    // the message; an illegal vector raises its error there too.
+    write32(&mut c, 1, SVR, 0xFF);
+    assert_eq!(door.post_msi(posted_msi(1, 0x52)), Some(Posted::Vcpu(1)));
+    assert_eq!(door.post_msi(posted_msi(0, 0x05)), Some(Posted::Vcpu(0)));
+    c.accept_posted(0);
+    write32(&mut c, 1, SVR, 0x1FF);
+    assert_eq!(take(&mut c, 1), None);
+    assert_eq!(take(&mut c, 0), None);
+    // ESR reads what the last write to it latched.
+    write32(&mut c, 0, LAPIC + 0x280, 0);
+    assert_ne!(
+        read32(&mut c, 0, LAPIC + 0x280) & 0x40,
+        0,
+        "receive illegal vector"
+    );
+}
+
+#[test]
+fn posted_msis_follow_apic_id_and_mode_changes() {
+    use crate::lapic::MSR_APIC_BASE;
+    use crate::posted::Posted;
+    let mut c = chipset(2, LapicPlacement::Model);
+    enable_lapics(&mut c);
+    let door = c.posted();
+    // vCPU 1 moves to APIC ID 5: ID 1 is nobody's now.
+    write32(&mut c, 1, LAPIC + 0x20, 5 << 24);
+    assert_eq!(door.post_msi(posted_msi(1, 0x51)), None);
+    assert_eq!(door.post_msi(posted_msi(5, 0x51)), Some(Posted::Vcpu(1)));
+    // Both at ID 5: the full resolution decides (it delivers to both).
+    write32(&mut c, 0, LAPIC + 0x20, 5 << 24);
+    assert_eq!(door.post_msi(posted_msi(5, 0x52)), None);
+    // x2APIC mode on vCPU 0 (its ID becomes its index again).
+    let base = c.msr_read(0, MSR_APIC_BASE, 0).expect("APIC_BASE");
+    c.msr_write(0, MSR_APIC_BASE, base | 1 << 10, 0)
+        .expect("x2APIC on");
+    assert_eq!(door.post_msi(posted_msi(0, 0x53)), Some(Posted::Vcpu(0)));
+    // Hardware-disabled: nobody answers to its ID.
+    c.msr_write(1, MSR_APIC_BASE, base & !(1 << 11), 0)
+        .expect("off");
+    assert_eq!(door.post_msi(posted_msi(5, 0x54)), None);
+    c.accept_posted(0);
+    assert_eq!(take(&mut c, 0), Some(0x53));
+}
+
+#[test]
+fn split_mode_posts_every_msi_for_the_hypervisor() {
+    use crate::posted::Posted;
+    let mut c = chipset(2, LapicPlacement::External);
+    let door = c.posted();
+    let Some(Posted::External(msg)) = door.post_msi(posted_msi(1, 0x51)) else {
+        panic!("split mode hands every MSI back");
+    };
+    assert_eq!((msg.vector, msg.destination), (0x51, 1));
+    c.accept_posted(0);
+    assert_eq!(c.counts().msi, 1);
+    assert!(events(&mut c).is_empty());
+}
+
 #[test]
 fn fixed_ipi_from_the_icr_reaches_the_other_vcpu_and_kicks_it() {
     let mut c = chipset(2, LapicPlacement::Model);
