@@ -316,7 +316,7 @@ mod tests {
             })
             .collect();
         let mut seen = [0u64; 4];
-        let mut drain = |seen: &mut [u64; 4]| {
+        let drain = |seen: &mut [u64; 4]| {
             if p.take_any() {
                 if let Some(words) = p.take(1) {
                     for (s, w) in seen.iter_mut().zip(words) {
