@@ -7,12 +7,18 @@
 //! thread comes back to its loop and looks at its stop flag and pending work.
 //! This is also the only way to reach a vCPU that runs guest code natively
 //! under nested KVM, where interrupt-window requests never cause an exit.
+//!
+//! Delivering an interrupt needs a kick only while the vCPU runs guest code:
+//! [`VcpuKick::notify`] sets a work flag and signals the thread only if it
+//! is inside `KVM_RUN`. A vCPU in its own loop looks at its pending work
+//! before it enters again, and one that was notified between that look and
+//! the entry has the entry return at once (no signal needed either way).
 
 use crate::{Error, Result};
 use kvm_bindings::kvm_run;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// The kick signal: the first real-time signal.
@@ -78,6 +84,14 @@ impl RunPage {
     }
 }
 
+#[cfg(test)]
+impl RunPage {
+    fn immediate_exit(&self) -> u8 {
+        // SAFETY: as in set_immediate_exit.
+        unsafe { std::ptr::addr_of!((*self.ptr.as_ptr()).immediate_exit).read_volatile() }
+    }
+}
+
 impl Drop for RunPage {
     fn drop(&mut self) {
         // SAFETY: we created this mapping with this length in `map`.
@@ -92,6 +106,12 @@ pub struct VcpuKick {
     thread: Mutex<Option<libc::pthread_t>>,
     /// Set by [`VcpuKick::request_stop`]; the vCPU loop ends when it sees it.
     stop: AtomicBool,
+    /// The vCPU thread is in (or about to enter) `KVM_RUN`.
+    running: AtomicBool,
+    /// Work arrived since the vCPU last looked (see [`VcpuKick::notify`]).
+    work: AtomicBool,
+    /// Kick signals sent, for statistics.
+    signals: AtomicU64,
 }
 
 impl VcpuKick {
@@ -102,6 +122,9 @@ impl VcpuKick {
             page: RunPage::map(fd, run_size)?,
             thread: Mutex::new(None),
             stop: AtomicBool::new(false),
+            running: AtomicBool::new(false),
+            work: AtomicBool::new(false),
+            signals: AtomicU64::new(0),
         })
     }
 
@@ -125,17 +148,50 @@ impl VcpuKick {
         fence(Ordering::SeqCst);
         let guard = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = *guard {
+            self.signals.fetch_add(1, Ordering::Relaxed);
             // SAFETY: `t` is a live thread: it clears itself from `thread`
             // under this same lock before it exits.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
 
-    /// Clears `immediate_exit`; the vCPU thread calls this before it looks at
-    /// its pending work, so a kick that comes after is never lost.
+    /// Tells the vCPU it has new work (an interrupt to take): kicks it only
+    /// if it is running guest code; otherwise it sees the work before its
+    /// next entry, which costs no signal.
+    pub fn notify(&self) {
+        self.work.store(true, Ordering::SeqCst);
+        if self.running.load(Ordering::SeqCst) {
+            self.kick();
+        }
+    }
+
+    /// Clears `immediate_exit` and the work flag; the vCPU thread calls this
+    /// before it looks at its pending work, so a kick or notify that comes
+    /// after is never lost.
     pub(crate) fn clear(&self) {
         self.page.set_immediate_exit(0);
+        self.work.store(false, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+    }
+
+    /// The vCPU thread is about to call `KVM_RUN`: from now on a notify
+    /// kicks. Work notified since [`VcpuKick::clear`] was perhaps missed by
+    /// the look, so the entry returns at once to look again.
+    pub(crate) fn entering(&self) {
+        self.running.store(true, Ordering::SeqCst);
+        if self.work.load(Ordering::SeqCst) {
+            self.page.set_immediate_exit(1);
+        }
+    }
+
+    /// `KVM_RUN` returned: notifies need no kick until the next entry.
+    pub(crate) fn left(&self) {
+        self.running.store(false, Ordering::SeqCst);
+    }
+
+    /// Kick signals sent so far.
+    pub fn signals_sent(&self) -> u64 {
+        self.signals.load(Ordering::Relaxed)
     }
 
     /// Asks the vCPU to leave its run loop, and kicks it.
@@ -147,5 +203,41 @@ impl VcpuKick {
     /// Whether a stop was requested.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::kvm_or_skip;
+    use crate::vcpu::Vcpu;
+    use crate::vm::Vm;
+
+    #[test]
+    fn notify_signals_only_a_vcpu_inside_kvm_run() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let vm = Vm::new().expect("VM");
+        let vcpu = Vcpu::new(&vm, 0, 1).expect("vCPU");
+        let kick = vcpu.kick();
+        // Signals come to this thread; the handler does nothing.
+        kick.bind_current_thread();
+        kick.clear();
+        // In its own loop: a notify is a flag, and the entry returns at once.
+        kick.notify();
+        assert_eq!(kick.signals_sent(), 0);
+        kick.entering();
+        assert_eq!(kick.page.immediate_exit(), 1, "the notify must not be lost");
+        kick.left();
+        // Looked again, nothing new: the entry proceeds.
+        kick.clear();
+        kick.entering();
+        assert_eq!(kick.page.immediate_exit(), 0);
+        // Inside KVM_RUN: a notify kicks.
+        kick.notify();
+        assert_eq!(kick.signals_sent(), 1);
+        assert_eq!(kick.page.immediate_exit(), 1);
+        kick.left();
+        kick.unbind_thread();
     }
 }

@@ -290,6 +290,7 @@ enum Next {
 /// One vCPU's loop: enter, dispatch the exit, repeat until told to stop.
 fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHandler) -> VcpuStop {
     let counters = vcpu.counters().clone();
+    let kick = vcpu.kick().clone();
     loop {
         // Clear first, then look: a kick after this point is never lost.
         vcpu.kick().clear();
@@ -299,7 +300,10 @@ fn vcpu_loop(vcpu: &mut Vcpu, backend: &dyn IrqchipBackend, handler: &dyn ExitHa
         if let Err(e) = backend.before_entry(&mut VcpuCtx { vcpu }) {
             return VcpuStop::HostError(e.to_string());
         }
-        let next = match vcpu.fd.run() {
+        kick.entering();
+        let ran = vcpu.fd.run();
+        kick.left();
+        let next = match ran {
             Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Next::Io,
             Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => Next::Mmio,
             Ok(VcpuExit::X86Rdmsr(..)) | Ok(VcpuExit::X86Wrmsr(..)) => Next::Msr,

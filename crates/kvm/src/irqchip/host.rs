@@ -5,6 +5,13 @@
 //! Locking: the chipset lock is never held while another lock is taken or a
 //! vCPU is kicked. Every operation drains the chipset's events under the
 //! lock and acts on them after releasing it.
+//!
+//! A device's MSI to one vCPU takes no chipset lock at all: it is posted
+//! into that vCPU's request bitmap ([`virq::posted`]) and whoever takes the
+//! lock next accepts it into the LAPIC (every lock here goes through
+//! [`Inner::chip`], which does). In split mode the MSI goes straight to
+//! KVM's LAPICs. The target is woken if halted and kicked only if it runs
+//! guest code ([`VcpuKick::notify`]).
 
 use crate::kick::VcpuKick;
 use std::collections::VecDeque;
@@ -16,6 +23,7 @@ use virq::chipset::{ChipEvent, Chipset};
 use virq::delivery::InterruptMessage;
 use virq::lapic::StartupEvent;
 use virq::msi::MsiMessage;
+use virq::posted::{Posted, PostedInterrupts};
 use virq::routing::SourceId;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,8 +74,11 @@ struct TimerState {
 
 struct Inner {
     chip: OnceLock<Mutex<Chipset>>,
+    /// The chipset's lock-free MSI door, once it is installed.
+    posted: OnceLock<Arc<PostedInterrupts>>,
     start: Instant,
-    kicks: Mutex<Vec<Option<Arc<VcpuKick>>>>,
+    /// Set once per vCPU at setup; read without a lock on every delivery.
+    kicks: Vec<OnceLock<Arc<VcpuKick>>>,
     parking: Vec<Parking>,
     timer: Mutex<TimerState>,
     timer_cv: Condvar,
@@ -89,8 +100,9 @@ impl ChipHost {
         ChipHost {
             inner: Arc::new(Inner {
                 chip: OnceLock::new(),
+                posted: OnceLock::new(),
                 start: Instant::now(),
-                kicks: Mutex::new(vec![None; vcpus]),
+                kicks: (0..vcpus).map(|_| OnceLock::new()).collect(),
                 parking: (0..vcpus).map(|_| Parking::default()).collect(),
                 timer: Mutex::new(TimerState::default()),
                 timer_cv: Condvar::new(),
@@ -109,9 +121,11 @@ impl ChipHost {
 
     /// Installs the chipset and starts the timer thread (once).
     pub fn install(&self, chip: Chipset) {
+        let posted = chip.posted();
         if self.inner.chip.set(Mutex::new(chip)).is_err() {
             return;
         }
+        let _ = self.inner.posted.set(posted);
         let weak = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("virq-timers".into())
@@ -128,9 +142,20 @@ impl ChipHost {
     }
 
     /// Delivers a device's MSI write, from any thread; one the decoder
-    /// rejects is dropped, as the bus would.
+    /// rejects is dropped, as the bus would. The common case (a fixed edge
+    /// MSI to one vCPU, or any MSI in split mode) takes no chipset lock.
     pub fn send_msi(&self, address: u64, data: u32) {
         let msi = MsiMessage { address, data };
+        match self.inner.posted.get().and_then(|door| door.post_msi(msi)) {
+            Some(Posted::Vcpu(cpu)) => return self.inner.notify(cpu, None),
+            Some(Posted::External(msg)) => {
+                if let Some(sink) = &self.inner.external {
+                    sink(&msg);
+                }
+                return;
+            }
+            None => {}
+        }
         if let Some(Err(e)) = self.with_chip(None, false, |c, now| c.send_msi(msi, now)) {
             tracing::debug!("MSI dropped: {e}");
         }
@@ -153,10 +178,10 @@ impl ChipHost {
         });
     }
 
-    /// Registers vCPU `index`'s kick handle.
+    /// Registers vCPU `index`'s kick handle (once; later calls are ignored).
     pub fn set_kick(&self, index: usize, kick: Arc<VcpuKick>) {
-        if let Some(slot) = lock(&self.inner.kicks).get_mut(index) {
-            *slot = Some(kick);
+        if let Some(slot) = self.inner.kicks.get(index) {
+            let _ = slot.set(kick);
         }
     }
 
@@ -169,9 +194,8 @@ impl ChipHost {
         timers: bool,
         f: impl FnOnce(&mut Chipset, u64) -> R,
     ) -> Option<R> {
-        let chip = self.inner.chip.get()?;
         let (result, events) = {
-            let mut c = lock(chip);
+            let mut c = self.inner.chip()?;
             let now = self.inner.now();
             let result = f(&mut c, now);
             (result, c.drain_events().collect::<Vec<_>>())
@@ -201,8 +225,8 @@ impl ChipHost {
             if stop() || !st.startups.is_empty() {
                 return;
             }
-            if let Some(chip) = self.inner.chip.get() {
-                if ready(&lock(chip)) {
+            if let Some(chip) = self.inner.chip() {
+                if ready(&chip) {
                     return;
                 }
             }
@@ -249,9 +273,9 @@ impl ChipHost {
         stop: &impl Fn() -> bool,
         ready: &impl Fn(&Chipset) -> bool,
     ) -> bool {
-        let Some(chip) = self.inner.chip.get() else {
+        if self.inner.chip.get().is_none() {
             return false;
-        };
+        }
         let start = Instant::now();
         // Something may already be there.
         parking.hint.store(true, Ordering::Relaxed);
@@ -262,7 +286,8 @@ impl ChipHost {
             // Startups and chipset events both notify, so the locks are only
             // taken once a hint says something changed.
             if parking.hint.swap(false, Ordering::Acquire)
-                && (!lock(&parking.state).startups.is_empty() || ready(&lock(chip)))
+                && (!lock(&parking.state).startups.is_empty()
+                    || self.inner.chip().is_some_and(|chip| ready(&chip)))
             {
                 return true;
             }
@@ -299,6 +324,14 @@ impl Drop for ChipHost {
 }
 
 impl Inner {
+    /// The chipset, locked, with every posted MSI accepted: what any holder
+    /// of the lock looks at must include them.
+    fn chip(&self) -> Option<MutexGuard<'_, Chipset>> {
+        let mut chip = lock(self.chip.get()?);
+        chip.accept_posted(self.now());
+        Some(chip)
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -357,9 +390,8 @@ impl Inner {
             parking.cv.notify_one();
         }
         if !parked && current != Some(vcpu) {
-            let kick = lock(&self.kicks).get(vcpu).cloned().flatten();
-            if let Some(kick) = kick {
-                kick.kick();
+            if let Some(kick) = self.kicks.get(vcpu).and_then(OnceLock::get) {
+                kick.notify();
             }
         }
     }
@@ -390,9 +422,9 @@ fn timer_loop(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let Some(chip) = inner.chip.get() else {
+        if inner.chip.get().is_none() {
             return;
-        };
+        }
         let seen = {
             let t = lock(&inner.timer);
             if t.stop {
@@ -401,7 +433,9 @@ fn timer_loop(inner: Weak<Inner>) {
             t.generation
         };
         let (deadline, events) = {
-            let mut c = lock(chip);
+            let Some(mut c) = inner.chip() else {
+                return;
+            };
             let now = inner.now();
             if c.next_deadline().is_some_and(|d| d <= now) {
                 c.advance(now);
@@ -432,6 +466,80 @@ fn timer_loop(inner: Weak<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use virq::chipset::{ChipsetConfig, LapicPlacement};
+    use virq::ioapic::IoapicVersion;
+    use virq::pit::LostTickPolicy;
+
+    /// Far longer than an unlocked send takes.
+    const AMPLE: Duration = Duration::from_secs(10);
+
+    fn host(lapics: LapicPlacement, external: Option<ExternalSink>) -> Arc<ChipHost> {
+        let host = ChipHost::new(2, external);
+        let chip = Chipset::new(ChipsetConfig {
+            vcpus: 2,
+            lapics,
+            ioapic_version: IoapicVersion::V20,
+            pit_policy: LostTickPolicy::Discard,
+            tsc_hz: 1_000_000_000,
+            tsc_offset: 0,
+        })
+        .expect("chipset");
+        host.install(chip);
+        Arc::new(host)
+    }
+
+    /// Sends an MSI from another thread while this one holds the chipset
+    /// lock for up to `hold`; true if it got through before the lock was
+    /// released.
+    fn msi_passes_held_lock(host: &Arc<ChipHost>, address: u64, data: u32, hold: Duration) -> bool {
+        host.with_chip(None, false, |_, _| {
+            let (done_tx, done) = mpsc::channel();
+            let sender = host.clone();
+            let t = std::thread::spawn(move || {
+                sender.send_msi(address, data);
+                let _ = done_tx.send(());
+            });
+            // A locked path waits for us however long we hold the lock;
+            // release it either way so the thread can finish.
+            let passed = done.recv_timeout(hold).is_ok();
+            (passed, t)
+        })
+        .map(|(passed, t)| {
+            let _ = t.join();
+            passed
+        })
+        .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_device_msi_needs_no_chipset_lock() {
+        let host = host(LapicPlacement::Model, None);
+        host.with_chip(None, false, |c, now| {
+            c.mmio_write(1, 0xFEE0_00F0, &0x1FFu32.to_le_bytes(), now);
+        });
+        assert!(msi_passes_held_lock(&host, 0xFEE0_1000, 0x41, AMPLE));
+        let pending = host.with_chip(None, false, |c, _| c.pending(1).vector);
+        assert_eq!(pending, Some(Some(0x41)), "accepted at the next lock");
+        // A broadcast needs the full resolution, under the lock (the check
+        // can tell a locked path apart).
+        let brief = Duration::from_millis(100);
+        assert!(!msi_passes_held_lock(&host, 0xFEE0_F000, 0x42, brief));
+        host.shutdown();
+    }
+
+    #[test]
+    fn split_mode_msis_go_to_the_hypervisor_without_the_lock() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let sink: ExternalSink = Box::new(move |msg: &InterruptMessage| {
+            let _ = lock(&tx).send(msg.vector);
+        });
+        let host = host(LapicPlacement::External, Some(sink));
+        assert!(msi_passes_held_lock(&host, 0xFEE0_F000, 0x43, AMPLE));
+        assert_eq!(rx.try_recv(), Ok(0x43));
+        host.shutdown();
+    }
 
     #[test]
     fn halt_poll_window_grows_on_quick_wakeups_and_dies_on_idle_ones() {
