@@ -18,10 +18,13 @@
 //!
 //! Where KVM can serve a source itself (kernel mode: `KVM_IRQFD`, with
 //! `KVM_IRQFD_FLAG_RESAMPLE` for level sources and an MSI routing entry for
-//! MSI sources), it does. Everywhere else one event-loop thread waits on
-//! every trigger eventfd and drives the backend; resampling then happens in
-//! our chipset's ack path ([`virq::chipset::Chipset::set_resample`]), before
-//! the IOAPIC could redeliver the line.
+//! MSI sources), it does. Everywhere else a handle's `trigger`/`assert`
+//! drives the backend on the caller's own thread (an MSI is posted to its
+//! vCPU without a chipset lock: no thread hop, no eventfd), and one
+//! event-loop thread serves writes to the trigger eventfds that come from
+//! elsewhere. Resampling then happens in our chipset's ack path
+//! ([`virq::chipset::Chipset::set_resample`]), before the IOAPIC could
+//! redeliver the line.
 
 use crate::irqchip::IrqchipBackend;
 use crate::{ioctl_err, Result};
@@ -83,7 +86,7 @@ fn host(what: &'static str) -> impl FnOnce(io::Error) -> SourceError {
 }
 
 /// An edge interrupt source: each [`EdgeSource::trigger`] (or a write to
-/// [`EdgeSource::fd`] from anywhere) pulses the GSI. Triggers that arrive
+/// [`EdgeSource::fd`] from anywhere) pulses the GSI. Writes that arrive
 /// before the previous one was served coalesce, as edges on a wire do.
 /// Dropping it unbinds it.
 pub struct EdgeSource {
@@ -94,7 +97,7 @@ pub struct EdgeSource {
 impl EdgeSource {
     /// Raises the interrupt.
     pub fn trigger(&self) -> io::Result<()> {
-        self.trigger.write(1)
+        self._binding.trigger(&self.trigger)
     }
 
     /// The trigger eventfd (for a device that polls or writes it itself).
@@ -113,7 +116,7 @@ pub struct MsiSource {
 impl MsiSource {
     /// Sends the MSI.
     pub fn trigger(&self) -> io::Result<()> {
-        self.trigger.write(1)
+        self._binding.trigger(&self.trigger)
     }
 
     /// The trigger eventfd.
@@ -135,7 +138,7 @@ pub struct LevelSource {
 impl LevelSource {
     /// Asserts the line (no effect while it is already asserted).
     pub fn assert(&self) -> io::Result<()> {
-        self.trigger.write(1)
+        self._binding.trigger(&self.trigger)
     }
 
     /// The trigger eventfd.
@@ -222,6 +225,19 @@ struct Binding {
     /// deassign calls, which name the eventfd.
     fd: EventFd,
     served: Served,
+}
+
+impl Binding {
+    /// Fires the source from the calling thread: KVM's irqfd through its
+    /// eventfd, our backend directly (what the event loop would do later).
+    fn trigger(&self, trigger: &EventFd) -> io::Result<()> {
+        match self.served {
+            Served::Loop { action, .. } => {
+                serve(self.shared.backend.as_ref(), action).map_err(io::Error::other)
+            }
+            _ => trigger.write(1),
+        }
+    }
 }
 
 impl Drop for Binding {
@@ -654,6 +670,23 @@ mod tests {
         let msi = m.sources.msi(0xFEE0_0000, 0x52).expect("MSI source");
         msi.trigger().expect("trigger");
         assert!(m.arrives(0x52), "MSI source reached the LAPIC");
+    }
+
+    #[test]
+    fn triggers_need_no_event_loop_in_userspace_mode() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let m = machine(true);
+        m.route(10, 0x41, false);
+        let edge = m.sources.edge(10).expect("edge source");
+        let msi = m.sources.msi(0xFEE0_0000, 0x52).expect("MSI source");
+        // With the loop gone, only the caller's thread can deliver.
+        m.sources.shutdown();
+        edge.trigger().expect("trigger");
+        msi.trigger().expect("trigger");
+        assert!(m.irr(0x41), "the edge reached its pin on the spot");
+        assert!(m.irr(0x52), "the MSI reached the LAPIC on the spot");
     }
 
     #[test]
