@@ -34,6 +34,9 @@ pub type ExternalSink = Box<dyn Fn(&InterruptMessage) + Send + Sync>;
 /// be served in the past: a guard against spinning a host core.
 const MIN_TIMER_SLEEP: Duration = Duration::from_micros(50);
 
+/// How long the timer thread sleeps with no timer armed.
+const IDLE_TIMER_SLEEP: Duration = Duration::from_millis(100);
+
 /// Where an adaptive halt-poll window starts growing from.
 const HALT_POLL_START_NS: u64 = 10_000;
 
@@ -82,6 +85,10 @@ struct Inner {
     parking: Vec<Parking>,
     timer: Mutex<TimerState>,
     timer_cv: Condvar,
+    /// When the timer thread looks at the chipset next, on the virtual
+    /// clock; written and read under the chipset lock. Only a deadline
+    /// earlier than this needs the thread woken: most exits change none.
+    timer_plan: AtomicU64,
     external: Option<ExternalSink>,
     /// Resample eventfds of level sources, by GSI: written on each ack.
     resamplers: Mutex<Vec<(u32, SourceId, Arc<EventFd>)>>,
@@ -106,6 +113,7 @@ impl ChipHost {
                 parking: (0..vcpus).map(|_| Parking::default()).collect(),
                 timer: Mutex::new(TimerState::default()),
                 timer_cv: Condvar::new(),
+                timer_plan: AtomicU64::new(0),
                 external,
                 resamplers: Mutex::new(Vec::new()),
             }),
@@ -187,21 +195,24 @@ impl ChipHost {
 
     /// Runs `f` on the chipset (None before it is installed), then acts on
     /// the events it produced. `current` is the calling vCPU, which needs no
-    /// kick; `timers` says whether a deadline may have moved.
+    /// kick; `timers` says whether a deadline may have moved (the timer
+    /// thread is woken only if one now comes before it planned to look).
     pub fn with_chip<R>(
         &self,
         current: Option<usize>,
         timers: bool,
         f: impl FnOnce(&mut Chipset, u64) -> R,
     ) -> Option<R> {
-        let (result, events) = {
+        let (result, events, sooner) = {
             let mut c = self.inner.chip()?;
             let now = self.inner.now();
             let result = f(&mut c, now);
-            (result, c.drain_events().collect::<Vec<_>>())
+            let plan = self.inner.timer_plan.load(Ordering::Relaxed);
+            let sooner = timers && c.next_deadline().is_some_and(|d| d < plan);
+            (result, c.drain_events().collect::<Vec<_>>(), sooner)
         };
         self.inner.dispatch(events, current);
-        if timers {
+        if sooner {
             self.inner.poke_timer();
         }
         Some(result)
@@ -440,14 +451,19 @@ fn timer_loop(inner: Weak<Inner>) {
             if c.next_deadline().is_some_and(|d| d <= now) {
                 c.advance(now);
             }
-            (c.next_deadline(), c.drain_events().collect::<Vec<_>>())
+            let deadline = c.next_deadline();
+            let idle = now.saturating_add(IDLE_TIMER_SLEEP.as_nanos() as u64);
+            inner
+                .timer_plan
+                .store(deadline.unwrap_or(idle), Ordering::Relaxed);
+            (deadline, c.drain_events().collect::<Vec<_>>())
         };
         inner.dispatch(events, None);
         let mut t = lock(&inner.timer);
         while !t.stop && t.generation == seen {
             let now = inner.now();
             let wait = match deadline {
-                None => Duration::from_millis(100),
+                None => IDLE_TIMER_SLEEP,
                 Some(d) if d <= now => MIN_TIMER_SLEEP,
                 Some(d) => Duration::from_nanos(d - now),
             };
@@ -510,6 +526,34 @@ mod tests {
             passed
         })
         .unwrap_or(false)
+    }
+
+    #[test]
+    fn only_an_earlier_deadline_wakes_the_timer_thread() {
+        let host = host(LapicPlacement::Model, None);
+        let pokes = || lock(&host.inner.timer).generation;
+        let write = |addr: u64, value: u32| {
+            host.with_chip(Some(0), true, |c, now| {
+                c.mmio_write(0, addr, &value.to_le_bytes(), now)
+            });
+        };
+        // The thread has looked once and planned its idle sleep.
+        while host.inner.timer_plan.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        // SVR enable and a TPR write: exits that arm nothing.
+        let before = pokes();
+        write(0xFEE0_00F0, 0x1FF);
+        for _ in 0..100 {
+            write(0xFEE0_0080, 0);
+        }
+        assert_eq!(pokes(), before, "no deadline moved");
+        // A short one-shot LAPIC timer: sooner than the idle thread looks.
+        write(0xFEE0_03E0, 0xB); // divide by 1
+        write(0xFEE0_0320, 0x40);
+        write(0xFEE0_0380, 1000);
+        assert_eq!(pokes(), before + 1, "the new deadline woke the thread");
+        host.shutdown();
     }
 
     #[test]
