@@ -2,7 +2,9 @@
 //! irqchip modes and, when asked, under QEMU with KVM's in-kernel irqchip,
 //! the split one and QEMU's own devices; rounds interleave every
 //! configuration so the figures stay comparable as ratios on a noisy host.
-//! Prints one table, writes JSON and draws an SVG bar chart.
+//! Extra runs of one figure each, against a run measuring nothing, give host
+//! CPU time and VM exits per sample. Prints the tables, writes JSON and
+//! draws an SVG bar chart of the latencies.
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
