@@ -11,11 +11,15 @@
 //!   [`ExitHandler`], stop-all and timeout;
 //! - [`sources`]: eventfd interrupt sources (edge, MSI, level with
 //!   resample) and doorbells for device threads;
-//! - [`stats`]: per-vCPU exit counters.
+//! - [`stats`]: per-vCPU exit counters;
+//! - [`kvm_stats`]: KVM's own per-vCPU statistics (`KVM_GET_STATS_FD`);
+//! - [`cpu_time`]: host CPU time of this process and of reaped children.
 #![deny(missing_docs)]
 
+pub mod cpu_time;
 pub mod irqchip;
 pub mod kick;
+pub mod kvm_stats;
 pub mod machine;
 pub mod sources;
 pub mod state;
@@ -24,6 +28,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use irqchip::{IrqchipBackend, IrqchipMode};
+pub use kvm_stats::{KvmExits, VcpuStats};
 pub use machine::{ExitAction, ExitHandler, Machine, RunOutcome, StopCause, VcpuReport, VcpuStop};
 pub use stats::{ExitCounters, ExitCounts};
 pub use vcpu::Vcpu;
@@ -52,6 +57,12 @@ pub enum Error {
     /// The second mapping of `kvm_run` used by the kick failed.
     #[error("cannot map kvm_run for the vCPU kick: {0}")]
     MapRun(#[source] std::io::Error),
+    /// KVM's statistics file could not be read.
+    #[error("cannot read KVM statistics: {0}")]
+    StatsIo(#[source] std::io::Error),
+    /// KVM's statistics file does not look as documented.
+    #[error("unexpected KVM statistics layout: {0}")]
+    StatsFormat(String),
     /// A vCPU host thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

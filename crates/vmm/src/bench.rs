@@ -2,7 +2,9 @@
 //! irqchip modes and, when asked, under QEMU with KVM's in-kernel irqchip,
 //! the split one and QEMU's own devices; rounds interleave every
 //! configuration so the figures stay comparable as ratios on a noisy host.
-//! Prints one table, writes JSON and draws an SVG bar chart.
+//! Extra runs of one figure each, against a run measuring nothing, give host
+//! CPU time and VM exits per sample. Prints the tables, writes JSON and
+//! draws an SVG bar chart of the latencies.
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -12,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use virq::pit::LostTickPolicy;
-use virq_kvm::{ExitCounts, IrqchipMode};
+use virq_kvm::cpu_time::{self, CpuTime};
+use virq_kvm::{ExitCounts, IrqchipMode, KvmExits};
 use virq_vmm::cli::BenchArgs;
 use virq_vmm::vm::{self, SerialOut, VmConfig};
 
@@ -129,7 +132,8 @@ pub struct RoundFigure {
     pub p99_us: f64,
 }
 
-/// Userspace-visible VM exits per sample of one figure (virq only).
+/// VM exits per sample of one figure (virq only): those that reached the
+/// VMM, or (`kvm_exits_per_sample`) every exit as KVM counts it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExitsPerSample {
     pub total: f64,
@@ -150,6 +154,13 @@ pub struct Cell {
     pub p50_vs_virq_kernel: Option<f64>,
     pub rounds: Vec<RoundFigure>,
     pub exits_per_sample: Option<ExitsPerSample>,
+    /// KVM's own count of all exits per sample, by its statistic names;
+    /// `None` without binary statistics (or for QEMU).
+    pub kvm_exits_per_sample: Option<ExitsPerSample>,
+    /// Host CPU time (user + system) of the whole VM per sample, in us.
+    pub cpu_us_per_sample: Option<f64>,
+    /// CPU per sample divided by virq-kernel's.
+    pub cpu_vs_virq_kernel: Option<f64>,
     pub skipped: Option<String>,
 }
 
@@ -175,6 +186,32 @@ pub struct ConfigReport {
 struct Run {
     lines: Vec<Line>,
     exits: Option<ExitCounts>,
+    kvm_exits: Option<KvmExits>,
+    /// Host CPU time of the whole VM, setup and teardown included.
+    cpu: Option<CpuTime>,
+}
+
+impl Run {
+    /// Whether the guest measured `figure` (rather than skipping it).
+    fn measured(&self, figure: &str) -> bool {
+        self.lines
+            .iter()
+            .any(|l| matches!(l, Line::Figure { name, .. } if name == figure))
+    }
+}
+
+/// `after - before`, or `None` if either reading failed.
+fn cpu_between(
+    before: std::io::Result<CpuTime>,
+    after: std::io::Result<CpuTime>,
+) -> Option<CpuTime> {
+    match (before, after) {
+        (Ok(b), Ok(a)) => Some(a - b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot read CPU time: {e}");
+            None
+        }
+    }
 }
 
 /// The guest command line, with `pv-eoi` added when asked for.
@@ -202,7 +239,11 @@ fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
         lapic_lost_ticks: LostTickPolicy::Discard,
         halt_poll: Duration::from_micros(args.halt_poll_us),
     };
+    // The bench does nothing else meanwhile, so the process's CPU time
+    // (every thread, ended ones included) is the VM's.
+    let before = cpu_time::this_process();
     let r = vm::run_image(&cfg, BENCH_IMAGE)?;
+    let cpu = cpu_between(before, cpu_time::this_process());
     if r.exit_code != 1 {
         bail!(
             "the guest did not finish ({})",
@@ -216,10 +257,18 @@ fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
     Ok(Run {
         lines: parse_lines(&r.console),
         exits: Some(exits),
+        kvm_exits: r.stats.kvm_exits,
+        cpu,
     })
 }
 
-fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> Result<Run> {
+fn qemu_run(
+    kernel_irqchip: &str,
+    cpus: u32,
+    image: &Path,
+    cmdline: &str,
+    args: &BenchArgs,
+) -> Result<Run> {
     let mut cmd = Command::new(QEMU);
     cmd.args(["-accel", "kvm", "-cpu", QEMU_CPU, "-machine"])
         .arg(format!("kernel_irqchip={kernel_irqchip}"))
@@ -231,11 +280,14 @@ fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> 
         .arg("-kernel")
         .arg(image)
         .arg("-append")
-        .arg(with_pv_eoi("", args))
+        .arg(with_pv_eoi(cmdline, args))
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // QEMU is the only child in flight: the reaped children's CPU time
+    // grows by exactly its own once it has been waited for.
+    let before = cpu_time::reaped_children();
     let mut child = cmd.spawn().with_context(|| format!("cannot run {QEMU}"))?;
     let mut stdout = child.stdout.take().context("no QEMU stdout")?;
     let mut stderr = child.stderr.take().context("no QEMU stderr")?;
@@ -261,6 +313,7 @@ fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> 
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let cpu = cpu_between(before, cpu_time::reaped_children());
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
     if args.show_serial {
@@ -278,6 +331,8 @@ fn qemu_run(kernel_irqchip: &str, cpus: u32, image: &Path, args: &BenchArgs) -> 
     Ok(Run {
         lines: parse_lines(&out),
         exits: None,
+        kvm_exits: None,
+        cpu,
     })
 }
 
@@ -344,8 +399,9 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     let mut rounds: BTreeMap<(usize, String), Vec<RoundFigure>> = BTreeMap::new();
     let mut samples: BTreeMap<(usize, String), u64> = BTreeMap::new();
     let mut skips: BTreeMap<(usize, String), String> = BTreeMap::new();
-    let mut exits: BTreeMap<(usize, String), Vec<ExitCounts>> = BTreeMap::new();
-    let mut baseline: BTreeMap<usize, Vec<ExitCounts>> = BTreeMap::new();
+    // Runs of one figure each, and runs measuring nothing, for counting.
+    let mut counted: BTreeMap<(usize, String), Vec<Run>> = BTreeMap::new();
+    let mut baseline: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
     let mut failures: BTreeMap<usize, String> = BTreeMap::new();
 
     for round in 0..args.rounds {
@@ -356,13 +412,14 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                 args.rounds,
                 config.name()
             );
-            let result = match config {
-                Config::Virq(mode) => virq_run(mode, "", args),
+            let one_run = |cmdline: &str| match config {
+                Config::Virq(mode) => virq_run(mode, cmdline, args),
                 Config::Qemu(k) => match &qemu_image {
-                    Some(image) => qemu_run(k, config.cpus(), image, args),
+                    Some(image) => qemu_run(k, config.cpus(), image, cmdline, args),
                     None => Err(anyhow::anyhow!("no QEMU image")),
                 },
             };
+            let result = one_run("");
             let run = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -394,22 +451,17 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                     }
                 }
             }
-            // Exits per sample: one run per figure against a run that
-            // measures nothing (same boot, same output but the lines).
-            if let Config::Virq(mode) = config {
-                match virq_run(mode, &format!("only=none samples={EXIT_SAMPLES}"), args) {
-                    Ok(r) => baseline.entry(ci).or_default().extend(r.exits),
-                    Err(e) => tracing::warn!("baseline run failed: {e:#}"),
-                }
-                for figure in FIGURES {
-                    let cmdline = format!("only={figure} samples={EXIT_SAMPLES}");
-                    match virq_run(mode, &cmdline, args) {
-                        Ok(r) => exits
-                            .entry((ci, figure.to_string()))
-                            .or_default()
-                            .extend(r.exits),
-                        Err(e) => tracing::warn!("exit-count run failed: {e:#}"),
-                    }
+            // Exits and CPU time per sample: one run per figure against a
+            // run that measures nothing (same boot, same output but the
+            // lines).
+            match one_run(&format!("only=none samples={EXIT_SAMPLES}")) {
+                Ok(r) => baseline.entry(ci).or_default().push(r),
+                Err(e) => tracing::warn!("baseline run failed: {e:#}"),
+            }
+            for figure in FIGURES {
+                match one_run(&format!("only={figure} samples={EXIT_SAMPLES}")) {
+                    Ok(r) => counted.entry((ci, figure.to_string())).or_default().push(r),
+                    Err(e) => tracing::warn!("exit-count run failed: {e:#}"),
                 }
             }
         }
@@ -424,12 +476,34 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             let p50 = median(&mut rs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
             let p99 = median(&mut rs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
             let n = samples.get(&key).copied().unwrap_or(0);
-            let exits_per_sample = match (exits.get(&key), baseline.get(&ci)) {
-                (Some(e), Some(b)) if !e.is_empty() && !b.is_empty() => {
-                    Some(exits_per(e, b, EXIT_SAMPLES))
-                }
-                _ => None,
+            let runs: Vec<&Run> = counted
+                .get(&key)
+                .map(|rs| rs.iter().filter(|r| r.measured(figure)).collect())
+                .unwrap_or_default();
+            let base: Vec<&Run> = baseline
+                .get(&ci)
+                .map(|b| b.iter().collect())
+                .unwrap_or_default();
+            let exits_per_sample = both(
+                runs.iter().filter_map(|r| r.exits).collect(),
+                base.iter().filter_map(|r| r.exits).collect(),
+            )
+            .map(|(e, b)| exits_per(&e, &b, EXIT_SAMPLES));
+            let kvm_exits_per_sample = both(
+                runs.iter().filter_map(|r| r.kvm_exits).collect(),
+                base.iter().filter_map(|r| r.kvm_exits).collect(),
+            )
+            .map(|(e, b)| kvm_exits_per(&e, &b, EXIT_SAMPLES));
+            let cpu_us = |rs: &[&Run]| -> Vec<f64> {
+                rs.iter()
+                    .filter_map(|r| r.cpu)
+                    .map(|c| c.total().as_secs_f64() * 1e6)
+                    .collect()
             };
+            // Cheaper than the baseline's noise reads 0: CPU time is never
+            // negative.
+            let cpu_us_per_sample = both(cpu_us(&runs), cpu_us(&base))
+                .map(|(f, b)| per_sample(&f, &b, EXIT_SAMPLES).max(0.0));
             let skipped = if p50.is_some() {
                 None
             } else {
@@ -450,6 +524,9 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                 p50_vs_virq_kernel: None,
                 rounds: rs,
                 exits_per_sample,
+                kvm_exits_per_sample,
+                cpu_us_per_sample,
+                cpu_vs_virq_kernel: None,
                 skipped,
             });
         }
@@ -460,10 +537,20 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         .filter(|c| c.config == kernel_name)
         .filter_map(|c| c.p50_us.map(|p| (c.figure.clone(), p)))
         .collect();
+    let kernel_cpu: BTreeMap<String, f64> = cells
+        .iter()
+        .filter(|c| c.config == kernel_name)
+        .filter_map(|c| c.cpu_us_per_sample.map(|p| (c.figure.clone(), p)))
+        .collect();
     for c in &mut cells {
         if let (Some(p), Some(k)) = (c.p50_us, kernel.get(&c.figure)) {
             if *k > 0.0 {
                 c.p50_vs_virq_kernel = Some(p / k);
+            }
+        }
+        if let (Some(p), Some(k)) = (c.cpu_us_per_sample, kernel_cpu.get(&c.figure)) {
+            if *k > 0.0 {
+                c.cpu_vs_virq_kernel = Some(p / k);
             }
         }
     }
@@ -509,13 +596,52 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Both lists, if neither is empty.
+fn both<T>(runs: Vec<T>, base: Vec<T>) -> Option<(Vec<T>, Vec<T>)> {
+    (!runs.is_empty() && !base.is_empty()).then_some((runs, base))
+}
+
+/// Median of the figure's runs minus the median of the baseline runs, per
+/// sample.
+fn per_sample(runs: &[f64], base: &[f64], n: u64) -> f64 {
+    let f = median(&mut runs.to_vec()).unwrap_or(0.0);
+    let b = median(&mut base.to_vec()).unwrap_or(0.0);
+    (f - b) / n as f64
+}
+
+/// KVM's counters per sample: `exits` is the total, the rest by reason.
+fn kvm_exits_per(runs: &[KvmExits], base: &[KvmExits], n: u64) -> ExitsPerSample {
+    let per = |i: usize| {
+        let pick = |e: &KvmExits| e.named()[i].1 as f64;
+        per_sample(
+            &runs.iter().map(pick).collect::<Vec<_>>(),
+            &base.iter().map(pick).collect::<Vec<_>>(),
+            n,
+        )
+    };
+    let mut by_reason = BTreeMap::new();
+    for (i, (name, _)) in KvmExits::default().named().iter().enumerate().skip(1) {
+        let v = per(i);
+        if v.abs() >= 0.005 {
+            by_reason.insert(name.to_string(), v);
+        }
+    }
+    ExitsPerSample {
+        // Boot exits vary with timing; a figure cannot remove exits.
+        total: per(0).max(0.0),
+        by_reason,
+    }
+}
+
 /// Median exits of the figure's runs minus the median of the baseline runs,
 /// per sample.
 fn exits_per(runs: &[ExitCounts], base: &[ExitCounts], n: u64) -> ExitsPerSample {
     let per = |pick: &dyn Fn(&ExitCounts) -> u64| {
-        let f = median(&mut runs.iter().map(|e| pick(e) as f64).collect::<Vec<_>>());
-        let b = median(&mut base.iter().map(|e| pick(e) as f64).collect::<Vec<_>>());
-        (f.unwrap_or(0.0) - b.unwrap_or(0.0)) / n as f64
+        per_sample(
+            &runs.iter().map(|e| pick(e) as f64).collect::<Vec<_>>(),
+            &base.iter().map(|e| pick(e) as f64).collect::<Vec<_>>(),
+            n,
+        )
     };
     let mut by_reason = BTreeMap::new();
     for (i, (name, _)) in ExitCounts::default().named().iter().enumerate() {
@@ -531,7 +657,8 @@ fn exits_per(runs: &[ExitCounts], base: &[ExitCounts], n: u64) -> ExitsPerSample
 }
 
 /// The text table: per figure and configuration, p50 / p99 in us and the
-/// p50's ratio to virq-kernel's; then userspace exits per sample.
+/// p50's ratio to virq-kernel's; then host CPU time per sample; then exits
+/// per sample, to the VMM and as KVM counts them.
 pub fn render_table(r: &Report) -> String {
     let mut s = String::new();
     let width = 22;
@@ -568,12 +695,44 @@ pub fn render_table(r: &Report) -> String {
         }
         s += "\n";
     }
+    s += &format!(
+        "\nhost CPU time (user + system, whole VM) per sample, us (vs virq-kernel); \
+         runs of {EXIT_SAMPLES} samples minus a run measuring nothing\n"
+    );
+    s += &format!("{:<12}", "figure");
+    for c in &r.configs {
+        s += &format!(" {:>width$}", c.name);
+    }
+    s += "\n";
+    for f in &r.figures {
+        s += &format!("{f:<12}");
+        for c in &r.configs {
+            let cell = r
+                .cells
+                .iter()
+                .find(|x| &x.figure == f && x.config == c.name);
+            let text = match cell {
+                Some(Cell {
+                    cpu_us_per_sample: Some(cpu),
+                    cpu_vs_virq_kernel,
+                    ..
+                }) => match cpu_vs_virq_kernel {
+                    Some(ratio) => format!("{cpu:.1} ({ratio:.2}x)"),
+                    None => format!("{cpu:.1}"),
+                },
+                _ => "-".to_string(),
+            };
+            s += &format!(" {text:>width$}");
+        }
+        s += "\n";
+    }
     let virq: Vec<_> = r
         .configs
         .iter()
         .filter(|c| c.name.starts_with("virq-"))
         .collect();
-    s += "\nVM exits to the VMM per sample (virq; exits KVM handles itself are not counted)\n";
+    let width = 30;
+    s += "\nVM exits per sample (virq): to the VMM / all, KVM's count (VMM exits by reason)\n";
     s += &format!("{:<12}", "figure");
     for c in &virq {
         s += &format!(" {:>width$}", c.name);
@@ -586,6 +745,9 @@ pub fn render_table(r: &Report) -> String {
                 .cells
                 .iter()
                 .find(|x| &x.figure == f && x.config == c.name);
+            let kvm = cell
+                .and_then(|c| c.kvm_exits_per_sample.as_ref())
+                .map_or_else(|| "-".to_string(), |k| format!("{:.1}", k.total));
             let text = match cell.and_then(|c| c.exits_per_sample.as_ref()) {
                 Some(e) => {
                     let top: Vec<String> = e
@@ -595,9 +757,9 @@ pub fn render_table(r: &Report) -> String {
                         .map(|(k, v)| format!("{k} {v:.1}"))
                         .collect();
                     if top.is_empty() {
-                        format!("{:.1}", e.total)
+                        format!("{:.1} / {kvm}", e.total)
                     } else {
-                        format!("{:.1} ({})", e.total, top.join(", "))
+                        format!("{:.1} / {kvm} ({})", e.total, top.join(", "))
                     }
                 }
                 None => "-".to_string(),
@@ -607,6 +769,15 @@ pub fn render_table(r: &Report) -> String {
         s += "\n";
     }
     let mut notes = Vec::new();
+    let virq_ran = r
+        .cells
+        .iter()
+        .any(|c| c.config.starts_with("virq-") && c.exits_per_sample.is_some());
+    if virq_ran && !r.cells.iter().any(|c| c.kvm_exits_per_sample.is_some()) {
+        notes.push(
+            "KVM's exit statistics (KVM_GET_STATS_FD) are not available on this host".to_string(),
+        );
+    }
     for c in &r.configs {
         if let Some(n) = &c.note {
             notes.push(format!("{}: {n}", c.name));
@@ -782,6 +953,58 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn kvm_exits_per_sample_is_figure_minus_baseline() {
+        let run = |exits, halt_exits| KvmExits {
+            exits,
+            halt_exits,
+            ..Default::default()
+        };
+        let e = kvm_exits_per(&[run(500, 100), run(520, 100)], &[run(300, 0)], 100);
+        assert_eq!(e.total, 2.1);
+        assert_eq!(e.by_reason.get("halt_exits"), Some(&1.0));
+        assert!(!e.by_reason.contains_key("exits"));
+        // Boot noise larger than the figure reads 0, not a negative count.
+        assert_eq!(kvm_exits_per(&[run(10, 0)], &[run(20, 0)], 10).total, 0.0);
+    }
+
+    #[test]
+    fn table_shows_cpu_and_both_exit_counts() {
+        let cell = Cell {
+            figure: "ipi".into(),
+            config: "virq-kernel".into(),
+            samples: 10,
+            p50_us: Some(30.0),
+            p99_us: Some(40.0),
+            exits_per_sample: Some(ExitsPerSample {
+                total: 0.0,
+                by_reason: BTreeMap::new(),
+            }),
+            kvm_exits_per_sample: Some(ExitsPerSample {
+                total: 3.5,
+                by_reason: BTreeMap::new(),
+            }),
+            cpu_us_per_sample: Some(123.4),
+            cpu_vs_virq_kernel: Some(1.0),
+            ..Default::default()
+        };
+        let report = Report {
+            rounds: 1,
+            configs: vec![ConfigReport {
+                name: "virq-kernel".into(),
+                cpus: 2,
+                note: None,
+                failure: None,
+            }],
+            figures: vec!["ipi".into()],
+            cells: vec![cell],
+        };
+        let t = render_table(&report);
+        assert!(t.contains("123.4 (1.00x)"), "{t}");
+        assert!(t.contains("0.0 / 3.5"), "{t}");
+        assert!(!t.contains("not available"), "{t}");
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub enum Command {
     /// print one table.
     Demo(DemoArgs),
     /// Measure interrupt delivery with the benchmark guest in every irqchip
-    /// mode (and under QEMU when installed), interleaved, and print one table.
+    /// mode (and under QEMU when installed), interleaved, and print its
+    /// latency, host CPU time and VM exits per sample.
     Bench(BenchArgs),
 }
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use virq_kvm::ExitCounts;
+use virq_kvm::{ExitCounts, KvmExits};
 
 /// Number of GSIs whose raises are counted one by one (the IOAPIC's pins).
 pub const COUNTED_GSIS: usize = 24;
@@ -158,6 +158,10 @@ pub struct RunStats {
     pub exits: ExitCounts,
     /// Exits per vCPU, by index.
     pub exits_per_vcpu: Vec<ExitCounts>,
+    /// KVM's own exit statistics of all vCPUs added up (exits it handled
+    /// itself included); `None` where the kernel has no binary statistics.
+    #[serde(default)]
+    pub kvm_exits: Option<KvmExits>,
     /// Interrupts raised by the VMM's devices.
     pub vmm_raises: RaiseCounts,
     /// The guest's own counts, if it printed them.

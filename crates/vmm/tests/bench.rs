@@ -1,6 +1,7 @@
 //! `virq bench` end to end: one round in virq's three modes; every figure
-//! must be present in the JSON, positive and finite (no timing is asserted:
-//! the machines are shared and noisy).
+//! must be present in the JSON, positive and finite, with its host CPU time
+//! and exit counts per sample (no timing is asserted: the machines are
+//! shared and noisy).
 
 mod common;
 use common::kvm_or_skip;
@@ -39,6 +40,10 @@ fn bench_one_round_without_qemu_gives_every_figure() {
     let text = std::fs::read_to_string(&json).expect("JSON written");
     let report: serde_json::Value = serde_json::from_str(&text).expect("JSON parses");
     let cells = report["cells"].as_array().expect("cells");
+    let kvm_stats = virq_kvm::kvm_stats::supported();
+    if !kvm_stats {
+        eprintln!("SKIPPED: KVM's exit statistics (no KVM_CAP_BINARY_STATS_FD on this host)");
+    }
     for config in CONFIGS {
         for figure in FIGURES {
             let cell = cells
@@ -60,6 +65,19 @@ fn bench_one_round_without_qemu_gives_every_figure() {
                 exits.is_some_and(f64::is_finite),
                 "{figure} {config}: exits per sample: {cell}"
             );
+            let cpu = cell["cpu_us_per_sample"].as_f64();
+            assert!(
+                cpu.is_some_and(|v| v.is_finite() && v >= 0.0),
+                "{figure} {config}: CPU per sample: {cell}"
+            );
+            // KVM's own count exists wherever the kernel has binary stats.
+            if kvm_stats {
+                let all = cell["kvm_exits_per_sample"]["total"].as_f64();
+                assert!(
+                    all.is_some_and(|v| v.is_finite() && v >= 0.0),
+                    "{figure} {config}: KVM's exits per sample: {cell}"
+                );
+            }
         }
         let kernel = cells
             .iter()

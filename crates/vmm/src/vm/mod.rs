@@ -23,7 +23,9 @@ use std::time::Duration;
 use virq::pit::LostTickPolicy;
 use virq_kvm::irqchip::{KernelIrqchip, SplitIrqchip, UserspaceIrqchip};
 use virq_kvm::sources::InterruptSources;
-use virq_kvm::{IrqchipBackend, IrqchipMode, Machine, StopCause, Vcpu, VcpuStop, Vm};
+use virq_kvm::{
+    IrqchipBackend, IrqchipMode, KvmExits, Machine, StopCause, Vcpu, VcpuStats, VcpuStop, Vm,
+};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// virq's exit statuses for VMM-side outcomes.
@@ -251,6 +253,13 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
         entry = boot.entry,
         "starting"
     );
+    // Opened before the run: the files outlive the vCPU fds the run closes.
+    let kvm_stats: Option<Vec<VcpuStats>> = vcpus
+        .iter()
+        .map(|v| VcpuStats::open(v.fd()))
+        .collect::<Result<_, _>>()
+        .inspect_err(|e| tracing::debug!("no KVM statistics: {e}"))
+        .ok();
     let outcome = Machine::new(vcpus, backend)
         .run(exits, cfg.timeout)
         .map_err(host("cannot run vCPUs"))?;
@@ -262,6 +271,19 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
     for v in &outcome.vcpus {
         total.add(&v.exits);
     }
+    let kvm_exits = kvm_stats.and_then(|files| {
+        let mut sum = KvmExits::default();
+        for f in &files {
+            match f.exits() {
+                Ok(e) => sum.add(&e),
+                Err(e) => {
+                    tracing::debug!("cannot read KVM statistics: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(sum)
+    });
     let stats = RunStats {
         mode: cfg.mode.name().to_string(),
         cpus: cfg.cpus,
@@ -270,6 +292,7 @@ pub fn run_image(cfg: &VmConfig, image: &[u8]) -> Result<RunResult, VmError> {
         wall_ms: outcome.wall.as_secs_f64() * 1000.0,
         exits: total,
         exits_per_vcpu: outcome.vcpus.iter().map(|v| v.exits).collect(),
+        kvm_exits,
         vmm_raises: raises.snapshot(),
         guest_counts: GuestCounts::parse(&console),
         checks: GuestChecks::parse(&console),
