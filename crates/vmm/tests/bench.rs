@@ -1,6 +1,7 @@
 //! `virq bench` end to end: one round in virq's three modes; every figure
 //! must be present in the JSON, positive and finite (no timing is asserted:
-//! the machines are shared and noisy).
+//! the machines are shared and noisy). Latency figures give p50 and p99,
+//! rate figures interrupts per second.
 
 mod common;
 use common::kvm_or_skip;
@@ -8,8 +9,19 @@ use std::process::Command;
 
 const VIRQ: &str = env!("CARGO_BIN_EXE_virq");
 
-/// Figures every virq mode must measure on two vCPUs.
-const FIGURES: &[&str] = &["exit-floor", "self-ipi", "ipi", "msi-testdev", "device-msi"];
+/// Latency figures every virq mode must measure on two vCPUs.
+const FIGURES: &[&str] = &[
+    "exit-floor",
+    "self-ipi",
+    "ipi",
+    "msi-testdev",
+    "device-msi",
+    "device-roundtrip",
+    "device-line",
+    "timer-late",
+];
+/// Rate figures every virq mode must measure.
+const RATE_FIGURES: &[&str] = &["irq-rate", "device-rate"];
 const CONFIGS: &[&str] = &["virq-kernel", "virq-split", "virq-userspace"];
 
 #[test]
@@ -35,16 +47,36 @@ fn bench_one_round_without_qemu_gives_every_figure() {
         "virq bench failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("exit-floor"), "no table:\n{stdout}");
+    assert!(
+        stdout.contains("interrupts per second"),
+        "no rates:\n{stdout}"
+    );
 
     let text = std::fs::read_to_string(&json).expect("JSON written");
     let report: serde_json::Value = serde_json::from_str(&text).expect("JSON parses");
     let cells = report["cells"].as_array().expect("cells");
+    let cell = |config: &str, figure: &str| {
+        cells
+            .iter()
+            .find(|c| c["config"] == config && c["figure"] == figure)
+            .unwrap_or_else(|| panic!("no {figure} for {config} in {text}"))
+    };
     for config in CONFIGS {
+        for figure in RATE_FIGURES {
+            let cell = cell(config, figure);
+            let rate = cell["rate_per_s"].as_f64();
+            assert!(
+                rate.is_some_and(|r| r.is_finite() && r > 0.0),
+                "{figure} {config}: rate: {cell}"
+            );
+            let exits = cell["exits_per_sample"]["total"].as_f64();
+            assert!(
+                exits.is_some_and(f64::is_finite),
+                "{figure} {config}: exits per interrupt: {cell}"
+            );
+        }
         for figure in FIGURES {
-            let cell = cells
-                .iter()
-                .find(|c| c["config"] == *config && c["figure"] == *figure)
-                .unwrap_or_else(|| panic!("no {figure} for {config} in {text}"));
+            let cell = cell(config, figure);
             for key in ["p50_us", "p99_us"] {
                 let v = cell[key]
                     .as_f64()
