@@ -28,13 +28,17 @@
 //!   runs; the handler services the device before its EOI (skipped without
 //!   the device);
 //! - `timer-late`: how late the ticks of a 1 kHz periodic LAPIC timer reach
-//!   their handler. With t_i the TSC at handler entry i and k_i the tick's
-//!   number (counted from the intervals, rounded to whole periods, so a
-//!   tick the VMM dropped still counts), the lateness of tick i is
-//!   t_i - (t_0 + k_i * P), where P = (t_last - t_0) / k_last is the period
-//!   measured over the run: the calibration's error does not accumulate.
-//!   The values are shifted so the earliest tick is 0 late (the timer's
-//!   true phase is not observable); at most [`TIMER_TICKS`] ticks.
+//!   their handler (at most [`TIMER_TICKS`] ticks). The guest cannot see
+//!   when a tick was due, so it measures the schedule: with t_i the TSC at
+//!   handler entry i, the schedule is the line through the least late tick
+//!   of each half of the run (its slope is the timer's period in TSC ticks,
+//!   measured, so the calibration's error does not accumulate and no
+//!   single late tick tilts it). Each tick belongs to the last due time at
+//!   or before it (ticks are never early; a tick the VMM dropped is
+//!   skipped, not blamed on the next; a tick owed from a stall shares its
+//!   due time with the tick before), and its lateness is t_i minus that
+//!   due time, 0 when the schedule's own error puts it below. A tick more
+//!   than 3/4 of a period late counts as on time for the next due time.
 //!
 //! Rates are printed as
 //!
@@ -529,28 +533,45 @@ fn timer_late() {
         skip(NAME, "timeout");
         return;
     }
-    let t = |i: usize| STAMPS[i].load(Ordering::Relaxed);
-    // Tick numbers from the intervals, rounded to whole periods.
-    let mut k = [0u64; TIMER_TICKS];
+    let first = STAMPS[0].load(Ordering::Relaxed);
+    // Signed TSCs from the first tick: the model may put a tick early.
+    let t = |i: usize| STAMPS[i].load(Ordering::Relaxed).wrapping_sub(first) as i64;
+    let period = period as i64;
+    // A tick is never early, so it belongs to the last due time at or before
+    // it; a quarter period allows for the error of the period used.
+    let number = |elapsed: i64, p: i64| (elapsed + p / 4).div_euclid(p.max(1));
+    // Pass 1: tick numbers from the intervals, with the calibrated period
+    // (at least one more each: only the schedule of pass 2 can tell a
+    // tick owed from a stall).
+    let mut k = [0i64; TIMER_TICKS];
     for i in 1..ticks {
-        let gap = t(i).saturating_sub(t(i - 1));
-        k[i] = k[i - 1] + ((gap + period / 2) / period).max(1);
+        k[i] = k[i - 1] + number(t(i) - t(i - 1), period).max(1);
     }
     let last = ticks - 1;
     if k[last] == 0 {
         skip(NAME, "no-sample-completed");
         return;
     }
-    let span = t(last).saturating_sub(t(0));
-    // Signed: a tick may come early against the measured period.
-    let offset = |i: usize| {
-        let ideal = k[i] * span / k[last];
-        t(i).saturating_sub(t(0)) as i64 - ideal as i64
-    };
-    let earliest = (0..ticks).map(offset).min().unwrap_or(0);
+    // The timer's schedule: the line through the least late tick of each
+    // half of the run, so neither a late first tick nor a late last one
+    // tilts it.
+    let rough = |i: usize| t(i) - k[i] * t(last) / k[last];
+    let least_late = |from: usize, to: usize| (from..to).min_by_key(|&i| rough(i)).unwrap_or(from);
+    let a = least_late(0, ticks / 2);
+    let b = least_late(ticks / 2, ticks);
+    let (span, periods) = (t(b) - t(a), k[b] - k[a]);
+    if periods <= 0 || span <= 0 {
+        skip(NAME, "no-sample-completed");
+        return;
+    }
+    // Pass 2: each tick against that schedule. Two ticks may share a due
+    // time: a tick owed from a stall, delivered late.
+    let p = span / periods;
     let mut s = Samples::new();
     for i in 0..ticks {
-        s.push((offset(i) - earliest) as u64);
+        let due = number(t(i) - t(a), p) * span / periods;
+        // Below the schedule only by its error: on time.
+        s.push((t(i) - t(a) - due).max(0) as u64);
     }
     s.report(NAME);
 }
