@@ -23,7 +23,18 @@ use virq_vmm::vm::{self, SerialOut, VmConfig};
 const BENCH_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench-guest.elf"));
 
 /// Figures, in the guest's order.
-pub const FIGURES: &[&str] = &["exit-floor", "self-ipi", "ipi", "msi-testdev", "device-msi"];
+pub const FIGURES: &[&str] = &[
+    "exit-floor",
+    "self-ipi",
+    "ipi",
+    "msi-testdev",
+    "device-msi",
+    "device-roundtrip",
+    "device-line",
+    "timer-late",
+    "irq-rate",
+    "device-rate",
+];
 
 /// Samples of the runs that count exits: many, so the exits of booting
 /// (which vary with timing, e.g. polling the PIT) matter little per sample.
@@ -81,8 +92,27 @@ pub enum Line {
         p50_ns: f64,
         p99_ns: f64,
     },
+    /// A rate: interrupts counted and interrupts per second.
+    Rate { name: String, n: u64, per_s: f64 },
     /// Not measured, and why.
     Skip { name: String, reason: String },
+}
+
+impl Line {
+    /// The figure's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Line::Figure { name, .. } | Line::Rate { name, .. } | Line::Skip { name, .. } => name,
+        }
+    }
+
+    /// Samples (latencies) or interrupts (rates) measured, if any.
+    pub fn count(&self) -> Option<u64> {
+        match self {
+            Line::Figure { n, .. } | Line::Rate { n, .. } => Some(*n),
+            Line::Skip { .. } => None,
+        }
+    }
 }
 
 /// Parses the guest's `BENCH` lines; other lines are ignored.
@@ -107,6 +137,16 @@ pub fn parse_lines(console: &str) -> Vec<Line> {
             continue;
         }
         let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(n), Some(rate)) = (num("n"), num("rate")) {
+            if n > 0 {
+                out.push(Line::Rate {
+                    name: name.to_string(),
+                    n,
+                    per_s: rate as f64,
+                });
+            }
+            continue;
+        }
         if let (Some(n), Some(p50), Some(p99), Some(tsc)) =
             (num("n"), num("p50"), num("p99"), num("tsc_per_ms"))
         {
@@ -152,6 +192,10 @@ pub struct Cell {
     pub p99_us: Option<f64>,
     /// p50 divided by virq-kernel's p50.
     pub p50_vs_virq_kernel: Option<f64>,
+    /// Rate figures: median over rounds of interrupts per second.
+    pub rate_per_s: Option<f64>,
+    /// The rate divided by virq-kernel's rate.
+    pub rate_vs_virq_kernel: Option<f64>,
     pub rounds: Vec<RoundFigure>,
     pub exits_per_sample: Option<ExitsPerSample>,
     /// KVM's own count of all exits per sample, by its statistic names;
@@ -196,7 +240,7 @@ impl Run {
     fn measured(&self, figure: &str) -> bool {
         self.lines
             .iter()
-            .any(|l| matches!(l, Line::Figure { name, .. } if name == figure))
+            .any(|l| l.name() == figure && l.count().is_some())
     }
 }
 
@@ -397,11 +441,14 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
 
     // (config index, figure) -> per-round results / skip reasons.
     let mut rounds: BTreeMap<(usize, String), Vec<RoundFigure>> = BTreeMap::new();
+    let mut rates: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
     let mut samples: BTreeMap<(usize, String), u64> = BTreeMap::new();
     let mut skips: BTreeMap<(usize, String), String> = BTreeMap::new();
     // Runs of one figure each, and runs measuring nothing, for counting.
     let mut counted: BTreeMap<(usize, String), Vec<Run>> = BTreeMap::new();
     let mut baseline: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
+    // What each counting run measured (rates count interrupts, not samples).
+    let mut exit_counts: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
     let mut failures: BTreeMap<usize, String> = BTreeMap::new();
 
     for round in 0..args.rounds {
@@ -442,6 +489,10 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                             p99_us: p99_ns / 1000.0,
                         });
                     }
+                    Line::Rate { name, n, per_s } => {
+                        samples.insert((ci, name.clone()), n);
+                        rates.entry((ci, name)).or_default().push(per_s);
+                    }
                     Line::Skip { name, reason } => {
                         let reason = match config.note() {
                             Some(note) if name == "ipi" => note.to_string(),
@@ -460,7 +511,14 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             }
             for figure in FIGURES {
                 match one_run(&format!("only={figure} samples={EXIT_SAMPLES}")) {
-                    Ok(r) => counted.entry((ci, figure.to_string())).or_default().push(r),
+                    Ok(r) => {
+                        let key = (ci, figure.to_string());
+                        let n = r.lines.iter().find(|l| l.name() == *figure);
+                        if let Some(n) = n.and_then(Line::count) {
+                            exit_counts.entry(key.clone()).or_default().push(n as f64);
+                        }
+                        counted.entry(key).or_default().push(r);
+                    }
                     Err(e) => tracing::warn!("exit-count run failed: {e:#}"),
                 }
             }
@@ -475,7 +533,10 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             let rs = rounds.get(&key).cloned().unwrap_or_default();
             let p50 = median(&mut rs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
             let p99 = median(&mut rs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
+            let rate = median(&mut rates.get(&key).cloned().unwrap_or_default());
             let n = samples.get(&key).copied().unwrap_or(0);
+            let exit_n = median(&mut exit_counts.get(&key).cloned().unwrap_or_default())
+                .map_or(EXIT_SAMPLES, |n| n.round().max(1.0) as u64);
             let runs: Vec<&Run> = counted
                 .get(&key)
                 .map(|rs| rs.iter().filter(|r| r.measured(figure)).collect())
@@ -488,12 +549,12 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                 runs.iter().filter_map(|r| r.exits).collect(),
                 base.iter().filter_map(|r| r.exits).collect(),
             )
-            .map(|(e, b)| exits_per(&e, &b, EXIT_SAMPLES));
+            .map(|(e, b)| exits_per(&e, &b, exit_n));
             let kvm_exits_per_sample = both(
                 runs.iter().filter_map(|r| r.kvm_exits).collect(),
                 base.iter().filter_map(|r| r.kvm_exits).collect(),
             )
-            .map(|(e, b)| kvm_exits_per(&e, &b, EXIT_SAMPLES));
+            .map(|(e, b)| kvm_exits_per(&e, &b, exit_n));
             let cpu_us = |rs: &[&Run]| -> Vec<f64> {
                 rs.iter()
                     .filter_map(|r| r.cpu)
@@ -503,8 +564,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             // Cheaper than the baseline's noise reads 0: CPU time is never
             // negative.
             let cpu_us_per_sample = both(cpu_us(&runs), cpu_us(&base))
-                .map(|(f, b)| per_sample(&f, &b, EXIT_SAMPLES).max(0.0));
-            let skipped = if p50.is_some() {
+                .map(|(f, b)| per_sample(&f, &b, exit_n).max(0.0));
+            let skipped = if p50.is_some() || rate.is_some() {
                 None
             } else {
                 Some(
@@ -522,6 +583,8 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
                 p50_us: p50,
                 p99_us: p99,
                 p50_vs_virq_kernel: None,
+                rate_per_s: rate,
+                rate_vs_virq_kernel: None,
                 rounds: rs,
                 exits_per_sample,
                 kvm_exits_per_sample,
@@ -542,6 +605,11 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         .filter(|c| c.config == kernel_name)
         .filter_map(|c| c.cpu_us_per_sample.map(|p| (c.figure.clone(), p)))
         .collect();
+    let kernel_rates: BTreeMap<String, f64> = cells
+        .iter()
+        .filter(|c| c.config == kernel_name)
+        .filter_map(|c| c.rate_per_s.map(|r| (c.figure.clone(), r)))
+        .collect();
     for c in &mut cells {
         if let (Some(p), Some(k)) = (c.p50_us, kernel.get(&c.figure)) {
             if *k > 0.0 {
@@ -551,6 +619,11 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         if let (Some(p), Some(k)) = (c.cpu_us_per_sample, kernel_cpu.get(&c.figure)) {
             if *k > 0.0 {
                 c.cpu_vs_virq_kernel = Some(p / k);
+            }
+        }
+        if let (Some(r), Some(k)) = (c.rate_per_s, kernel_rates.get(&c.figure)) {
+            if *k > 0.0 {
+                c.rate_vs_virq_kernel = Some(r / k);
             }
         }
     }
@@ -662,23 +735,30 @@ fn exits_per(runs: &[ExitCounts], base: &[ExitCounts], n: u64) -> ExitsPerSample
 pub fn render_table(r: &Report) -> String {
     let mut s = String::new();
     let width = 22;
+    let rate_figures: Vec<&String> = r.figures.iter().filter(|f| is_rate(r, f)).collect();
+    let latency_figures: Vec<&String> = r.figures.iter().filter(|f| !is_rate(r, f)).collect();
     s += &format!(
         "latency, us: p50 / p99 (p50 vs virq-kernel); median of {} round(s), each of {} samples\n",
         r.rounds,
-        r.cells.iter().map(|c| c.samples).max().unwrap_or(0)
+        r.cells
+            .iter()
+            .filter(|c| c.rate_per_s.is_none())
+            .map(|c| c.samples)
+            .max()
+            .unwrap_or(0)
     );
-    s += &format!("{:<12}", "figure");
+    s += &format!("{:<16}", "figure");
     for c in &r.configs {
         s += &format!(" {:>width$}", c.name);
     }
     s += "\n";
-    for f in &r.figures {
-        s += &format!("{f:<12}");
+    for f in latency_figures {
+        s += &format!("{f:<16}");
         for c in &r.configs {
             let cell = r
                 .cells
                 .iter()
-                .find(|x| &x.figure == f && x.config == c.name);
+                .find(|x| x.figure == **f && x.config == c.name);
             let text = match cell {
                 Some(Cell {
                     p50_us: Some(p50),
@@ -695,17 +775,47 @@ pub fn render_table(r: &Report) -> String {
         }
         s += "\n";
     }
+    if !rate_figures.is_empty() {
+        s += "\ninterrupts per second, sustained (vs virq-kernel); median of the rounds\n";
+        s += &format!("{:<16}", "figure");
+        for c in &r.configs {
+            s += &format!(" {:>width$}", c.name);
+        }
+        s += "\n";
+        for f in rate_figures {
+            s += &format!("{f:<16}");
+            for c in &r.configs {
+                let cell = r
+                    .cells
+                    .iter()
+                    .find(|x| x.figure == *f && x.config == c.name);
+                let text = match cell {
+                    Some(Cell {
+                        rate_per_s: Some(rate),
+                        rate_vs_virq_kernel,
+                        ..
+                    }) => match rate_vs_virq_kernel {
+                        Some(ratio) => format!("{rate:.0} ({ratio:.2}x)"),
+                        None => format!("{rate:.0}"),
+                    },
+                    _ => "-".to_string(),
+                };
+                s += &format!(" {text:>width$}");
+            }
+            s += "\n";
+        }
+    }
     s += &format!(
-        "\nhost CPU time (user + system, whole VM) per sample, us (vs virq-kernel); \
+        "\nhost CPU time (user + system, whole VM) per sample or interrupt, us (vs virq-kernel); \
          runs of {EXIT_SAMPLES} samples minus a run measuring nothing\n"
     );
-    s += &format!("{:<12}", "figure");
+    s += &format!("{:<16}", "figure");
     for c in &r.configs {
         s += &format!(" {:>width$}", c.name);
     }
     s += "\n";
     for f in &r.figures {
-        s += &format!("{f:<12}");
+        s += &format!("{f:<16}");
         for c in &r.configs {
             let cell = r
                 .cells
@@ -732,14 +842,14 @@ pub fn render_table(r: &Report) -> String {
         .filter(|c| c.name.starts_with("virq-"))
         .collect();
     let width = 30;
-    s += "\nVM exits per sample (virq): to the VMM / all, KVM's count (VMM exits by reason)\n";
-    s += &format!("{:<12}", "figure");
+    s += "\nVM exits per sample or interrupt (virq): to the VMM / all, KVM's count (VMM exits by reason)\n";
+    s += &format!("{:<16}", "figure");
     for c in &virq {
         s += &format!(" {:>width$}", c.name);
     }
     s += "\n";
     for f in &r.figures {
-        s += &format!("{f:<12}");
+        s += &format!("{f:<16}");
         for c in &virq {
             let cell = r
                 .cells
@@ -805,6 +915,13 @@ pub fn render_table(r: &Report) -> String {
     s
 }
 
+/// Whether `figure` is a rate (measured as one in some configuration).
+fn is_rate(r: &Report, figure: &str) -> bool {
+    r.cells
+        .iter()
+        .any(|c| c.figure == figure && c.rate_per_s.is_some())
+}
+
 /// Escapes text for SVG.
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -860,18 +977,20 @@ pub fn render_svg(r: &Report) -> String {
             yy + 4.0
         );
     }
-    let groups = r.figures.len().max(1) as f64;
+    // Rates are not latencies: the chart leaves them out (the table has them).
+    let figures: Vec<&String> = r.figures.iter().filter(|f| !is_rate(r, f)).collect();
+    let groups = figures.len().max(1) as f64;
     let group_w = plot_w / groups;
     let bars = r.configs.len().max(1) as f64;
     let bar_w = group_w * 0.8 / bars;
-    for (fi, f) in r.figures.iter().enumerate() {
+    for (fi, f) in figures.iter().enumerate() {
         let gx = left + group_w * fi as f64 + group_w * 0.1;
         for (ci, c) in r.configs.iter().enumerate() {
             let colour = COLOURS[ci % COLOURS.len()];
             let Some(cell) = r
                 .cells
                 .iter()
-                .find(|x| &x.figure == f && x.config == c.name)
+                .find(|x| x.figure == **f && x.config == c.name)
             else {
                 continue;
             };
@@ -1005,6 +1124,55 @@ mod tests {
         assert!(t.contains("123.4 (1.00x)"), "{t}");
         assert!(t.contains("0.0 / 3.5"), "{t}");
         assert!(!t.contains("not available"), "{t}");
+    }
+
+    #[test]
+    fn parses_rates_beside_figures() {
+        let text = "BENCH name=irq-rate n=250 rate=10000 tsc_per_ms=1000000\n\
+                    BENCH name=device-rate n=0 rate=0 tsc_per_ms=1000000\n";
+        assert_eq!(
+            parse_lines(text),
+            vec![Line::Rate {
+                name: "irq-rate".into(),
+                n: 250,
+                per_s: 10000.0
+            }]
+        );
+    }
+
+    #[test]
+    fn rates_get_their_own_table_and_stay_out_of_the_chart() {
+        let cell = |figure: &str, config: &str, p50: Option<f64>, rate: Option<f64>| Cell {
+            figure: figure.into(),
+            config: config.into(),
+            samples: 10,
+            p50_us: p50,
+            p99_us: p50,
+            rate_per_s: rate,
+            ..Cell::default()
+        };
+        let report = Report {
+            rounds: 1,
+            configs: vec![ConfigReport {
+                name: "virq-kernel".into(),
+                cpus: 2,
+                note: None,
+                failure: None,
+            }],
+            figures: vec!["self-ipi".into(), "irq-rate".into()],
+            cells: vec![
+                cell("self-ipi", "virq-kernel", Some(30.0), None),
+                cell("irq-rate", "virq-kernel", None, Some(12345.0)),
+            ],
+        };
+        let table = render_table(&report);
+        let (latency, rates) = table
+            .split_once("interrupts per second")
+            .expect("a rate table");
+        assert!(latency.contains("self-ipi") && !latency.contains("irq-rate"));
+        assert!(rates.contains("irq-rate") && rates.contains("12345"));
+        let svg = render_svg(&report);
+        assert!(svg.contains("self-ipi") && !svg.contains("irq-rate"));
     }
 
     #[test]

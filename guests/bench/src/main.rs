@@ -16,7 +16,38 @@
 //!   the handler runs (skipped without the device, e.g. under QEMU);
 //! - `device-msi`: a doorbell of virq's ring device (an ioeventfd), the
 //!   device thread's answer and MSI, until the handler runs (skipped
-//!   without the device).
+//!   without the device);
+//! - `device-roundtrip`: one request in flight, driven from the handler, as
+//!   a driver does: the handler of request k's MSI posts request k+1 and
+//!   rings the doorbell; a sample is the TSC at handler entry k+1 minus the
+//!   TSC at handler entry k, i.e. guest handler, doorbell, device thread,
+//!   completion, MSI and back into the handler (skipped without the ring
+//!   device);
+//! - `device-line`: one event of virq's pass-through line device (port
+//!   0x2520, GSI 19, a level IOAPIC line with resample) until the handler
+//!   runs; the handler services the device before its EOI (skipped without
+//!   the device);
+//! - `timer-late`: how late the ticks of a 1 kHz periodic LAPIC timer reach
+//!   their handler (at most [`TIMER_TICKS`] ticks). The guest cannot see
+//!   when a tick was due, so it measures the schedule: with t_i the TSC at
+//!   handler entry i, the schedule is the line through the least late tick
+//!   of each half of the run (its slope is the timer's period in TSC ticks,
+//!   measured, so the calibration's error does not accumulate and no
+//!   single late tick tilts it). Each tick belongs to the last due time at
+//!   or before it (ticks are never early; a tick the VMM dropped is
+//!   skipped, not blamed on the next; a tick owed from a stall shares its
+//!   due time with the tick before), and its lateness is t_i minus that
+//!   due time, 0 when the schedule's own error puts it below. A tick more
+//!   than 3/4 of a period late counts as on time for the next due time.
+//!
+//! Rates are printed as
+//!
+//!     BENCH name=<figure> n=<interrupts> rate=<per second> tsc_per_ms=<ticks>
+//!
+//! - `irq-rate`: a self-IPI chain (each handler sends the next self IPI)
+//!   for [`RATE_WINDOW_US`]; interrupts handled per second;
+//! - `device-rate`: the same chain through the ring device (each handler
+//!   posts the next request; skipped without the device).
 //!
 //! `only=<figure>` on the command line measures that figure alone (the VMM
 //! uses it to count exits per interrupt); `only=none` measures nothing;
@@ -27,8 +58,9 @@
 #![no_main]
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use guest_runtime::arch::{self, cli, outb, outl, rdtsc, sti, sti_hlt};
+use guest_runtime::arch::{self, cli, inl, outb, outl, rdtsc, sti, sti_hlt};
 use guest_runtime::cpu::{self, InterruptFrame};
+use guest_runtime::ioapic::Redirection;
 use guest_runtime::lapic::{self, Icr};
 use guest_runtime::msi::{self, Address, Data};
 use guest_runtime::ring::{self, Ring};
@@ -59,6 +91,22 @@ const V_SELF: u8 = 0x50;
 const V_IPI: u8 = 0x51;
 const V_MSI: u8 = 0x52;
 const V_RING: u8 = 0x53;
+const V_TIMER: u8 = 0x54;
+const V_CHAIN_IPI: u8 = 0x55;
+const V_CHAIN_RING: u8 = 0x56;
+const V_LINE: u8 = 0x57;
+
+/// Period of the `timer-late` timer.
+const TIMER_PERIOD_US: u64 = 1000;
+/// Most ticks `timer-late` takes (each costs a period of run time).
+const TIMER_TICKS: usize = 250;
+/// How long a rate figure's chain runs.
+const RATE_WINDOW_US: u64 = 25_000;
+
+/// virq's pass-through line device (see crates/vmm/src/devices/passthrough.rs).
+const LINE_PORT: u16 = 0x2520;
+const LINE_SIGNATURE: u32 = 0x656E_696C;
+const LINE_GSI: u32 = 19;
 
 const RING_ENTRIES: u32 = 4;
 
@@ -68,9 +116,128 @@ static AP_READY: AtomicBool = AtomicBool::new(false);
 
 static RING: Ring<{ RING_ENTRIES as usize }> = Ring::new();
 
+/// TSCs at handler entry of `timer-late` and the chains (entry i at i).
+static STAMPS: [AtomicU64; MAX_SAMPLES + 1] = [const { AtomicU64::new(0) }; MAX_SAMPLES + 1];
+/// Handler entries so far of the running timer or chain.
+static TAKEN: AtomicU32 = AtomicU32::new(0);
+/// The TSC of the last chain handler entry.
+static CHAIN_LAST: AtomicU64 = AtomicU64::new(0);
+/// Handler entries a chain takes at most.
+static CHAIN_LIMIT: AtomicU32 = AtomicU32::new(0);
+/// The TSC after which a chain handler asks for no next interrupt.
+static CHAIN_END: AtomicU64 = AtomicU64::new(0);
+/// A chain handler asked for no next interrupt.
+static CHAIN_DONE: AtomicBool = AtomicBool::new(false);
+/// The running chain goes through the ring device (else self IPIs).
+static CHAIN_RING: AtomicBool = AtomicBool::new(false);
+/// The ring index of the chain's first request.
+static CHAIN_FIRST: AtomicU32 = AtomicU32::new(0);
+/// This CPU's APIC ID, read once (a LAPIC read may exit).
+static MY_APIC_ID: AtomicU32 = AtomicU32::new(0);
+
 /// Every handler: the TSC first, nothing else on the measured path.
 fn stamp(_: &mut InterruptFrame) {
     HANDLED_AT.store(rdtsc(), Ordering::Release);
+}
+
+/// The `timer-late` handler: the tick's TSC.
+fn tick(_: &mut InterruptFrame) {
+    let now = rdtsc();
+    let i = TAKEN.load(Ordering::Relaxed);
+    if let Some(s) = STAMPS.get(i as usize) {
+        s.store(now, Ordering::Relaxed);
+    }
+    TAKEN.store(i.wrapping_add(1), Ordering::Release);
+}
+
+/// The device-line handler: the TSC, then the device is serviced (the read
+/// takes its pending events) so the EOI's resample does not raise it again.
+fn line_stamp(_: &mut InterruptFrame) {
+    HANDLED_AT.store(rdtsc(), Ordering::Release);
+    inl(LINE_PORT + 8);
+}
+
+/// A chain handler: the TSC, then the next interrupt is asked for until
+/// the chain's limit or end.
+fn chain(_: &mut InterruptFrame) {
+    let now = rdtsc();
+    let k = TAKEN.load(Ordering::Relaxed);
+    if let Some(s) = STAMPS.get(k as usize) {
+        s.store(now, Ordering::Relaxed);
+    }
+    CHAIN_LAST.store(now, Ordering::Relaxed);
+    let next = k.wrapping_add(1);
+    TAKEN.store(next, Ordering::Release);
+    if next < CHAIN_LIMIT.load(Ordering::Relaxed) && now < CHAIN_END.load(Ordering::Relaxed) {
+        chain_kick(next);
+    } else {
+        CHAIN_DONE.store(true, Ordering::Release);
+    }
+}
+
+/// Asks for the chain's interrupt number `k`.
+fn chain_kick(k: u32) {
+    if CHAIN_RING.load(Ordering::Relaxed) {
+        let index = CHAIN_FIRST.load(Ordering::Relaxed).wrapping_add(k);
+        RING.requests[Ring::<{ RING_ENTRIES as usize }>::slot(index)]
+            .store(index, Ordering::Relaxed);
+        RING.post(index.wrapping_add(1));
+    } else {
+        let me = MY_APIC_ID.load(Ordering::Relaxed);
+        lapic::send_ipi(me, Icr::fixed(V_CHAIN_IPI).to_self());
+    }
+}
+
+/// Runs a chain of at most `limit` interrupts for at most `window_us`;
+/// returns the handler entries, or `None` if the chain broke (an
+/// interrupt never came).
+fn run_chain(through_ring: bool, limit: u32, window_us: u64) -> Option<u32> {
+    cli();
+    TAKEN.store(0, Ordering::Relaxed);
+    CHAIN_DONE.store(false, Ordering::Relaxed);
+    CHAIN_RING.store(through_ring, Ordering::Relaxed);
+    CHAIN_LIMIT.store(limit, Ordering::Relaxed);
+    let window = window_us.saturating_mul(time::tsc_per_ms()) / 1000;
+    CHAIN_END.store(rdtsc().saturating_add(window), Ordering::Release);
+    let deadline = Deadline::after_us(window_us + SAMPLE_TIMEOUT_US);
+    lapic::timer_periodic(WATCHDOG_VECTOR, time::lapic_ticks(WATCHDOG_US));
+    sti();
+    chain_kick(0);
+    let done = loop {
+        cli();
+        if CHAIN_DONE.load(Ordering::Acquire) {
+            break true;
+        }
+        if deadline.expired() {
+            break false;
+        }
+        sti_hlt();
+    };
+    lapic::timer_stop();
+    done.then(|| TAKEN.load(Ordering::Acquire))
+}
+
+/// Reports a chain's rate: handler entries after the first, per second of
+/// TSC between the first and the last.
+fn report_rate(name: &str, taken: u32) {
+    let first = STAMPS[0].load(Ordering::Relaxed);
+    let span = CHAIN_LAST.load(Ordering::Relaxed).saturating_sub(first);
+    let n = u64::from(taken.saturating_sub(1));
+    if n == 0 || span == 0 {
+        skip(name, "no-sample-completed");
+        return;
+    }
+    let rate = n.saturating_mul(time::tsc_per_ms()).saturating_mul(1000) / span;
+    Line::new()
+        .s("BENCH name=")
+        .s(name)
+        .s(" n=")
+        .u(n)
+        .s(" rate=")
+        .u(rate)
+        .s(" tsc_per_ms=")
+        .u(time::tsc_per_ms())
+        .print();
 }
 
 /// The figures' sample buffer.
@@ -252,12 +419,7 @@ fn msi_testdev() {
 
 fn device_msi() {
     const NAME: &str = "device-msi";
-    if !ring::present() {
-        skip(NAME, "no-ring-device");
-        return;
-    }
-    if RING.arm(lapic::id() as u8, V_RING) != 0 {
-        skip(NAME, "ring-refused");
+    if !arm_ring(NAME, V_RING) {
         return;
     }
     let first = RING.req_prod.load(Ordering::Relaxed);
@@ -268,6 +430,150 @@ fn device_msi() {
             .store(index, Ordering::Relaxed);
         RING.post(index.wrapping_add(1));
     });
+}
+
+/// Arms the ring device with `vector`; false (and a skip line) without it.
+fn arm_ring(name: &str, vector: u8) -> bool {
+    if !ring::present() {
+        skip(name, "no-ring-device");
+        return false;
+    }
+    if RING.arm(lapic::id() as u8, vector) != 0 {
+        skip(name, "ring-refused");
+        return false;
+    }
+    true
+}
+
+fn device_roundtrip() {
+    const NAME: &str = "device-roundtrip";
+    if !arm_ring(NAME, V_CHAIN_RING) {
+        return;
+    }
+    CHAIN_FIRST.store(RING.req_prod.load(Ordering::Relaxed), Ordering::Relaxed);
+    let limit = samples() as u32 + 1;
+    let window_us = SAMPLE_TIMEOUT_US.saturating_mul(u64::from(limit));
+    let Some(taken) = run_chain(true, limit, window_us) else {
+        skip(NAME, "timeout");
+        return;
+    };
+    let mut s = Samples::new();
+    for k in 1..(taken as usize).min(STAMPS.len()) {
+        let gap = STAMPS[k]
+            .load(Ordering::Relaxed)
+            .saturating_sub(STAMPS[k - 1].load(Ordering::Relaxed));
+        s.push(gap);
+    }
+    s.report(NAME);
+}
+
+fn device_rate() {
+    const NAME: &str = "device-rate";
+    if !arm_ring(NAME, V_CHAIN_RING) {
+        return;
+    }
+    CHAIN_FIRST.store(RING.req_prod.load(Ordering::Relaxed), Ordering::Relaxed);
+    match run_chain(true, u32::MAX, RATE_WINDOW_US) {
+        Some(taken) => report_rate(NAME, taken),
+        None => skip(NAME, "timeout"),
+    }
+}
+
+fn irq_rate() {
+    const NAME: &str = "irq-rate";
+    MY_APIC_ID.store(lapic::id(), Ordering::Relaxed);
+    match run_chain(false, u32::MAX, RATE_WINDOW_US) {
+        Some(taken) => report_rate(NAME, taken),
+        None => skip(NAME, "timeout"),
+    }
+}
+
+fn device_line(boot: &Boot) {
+    const NAME: &str = "device-line";
+    if inl(LINE_PORT) != LINE_SIGNATURE {
+        skip(NAME, "no-line-device");
+        return;
+    }
+    let Some(pin) = LINE_GSI.checked_sub(boot.platform.ioapic_gsi_base) else {
+        skip(NAME, "no-ioapic-pin");
+        return;
+    };
+    let io = boot.ioapic;
+    io.set_redirection(
+        pin,
+        Redirection::fixed(V_LINE, lapic::id() as u8).level(true),
+    );
+    // Events come at once, one per start.
+    outl(LINE_PORT + 4, 0);
+    interrupt_figure(NAME, |_| outl(LINE_PORT, 1));
+    io.mask(pin);
+}
+
+fn timer_late() {
+    const NAME: &str = "timer-late";
+    let ticks = samples().min(TIMER_TICKS);
+    let period = time::tsc_per_ms() * TIMER_PERIOD_US / 1000;
+    cli();
+    TAKEN.store(0, Ordering::Relaxed);
+    let deadline = Deadline::after_us(TIMER_PERIOD_US * (ticks as u64 + 10) + SAMPLE_TIMEOUT_US);
+    // The timer is its own watchdog: each tick ends the HLT.
+    lapic::timer_periodic(V_TIMER, time::lapic_ticks(TIMER_PERIOD_US));
+    let done = loop {
+        cli();
+        if TAKEN.load(Ordering::Acquire) as usize >= ticks {
+            break true;
+        }
+        if deadline.expired() {
+            break false;
+        }
+        sti_hlt();
+    };
+    lapic::timer_stop();
+    if !done || period == 0 {
+        skip(NAME, "timeout");
+        return;
+    }
+    let first = STAMPS[0].load(Ordering::Relaxed);
+    // Signed TSCs from the first tick: the model may put a tick early.
+    let t = |i: usize| STAMPS[i].load(Ordering::Relaxed).wrapping_sub(first) as i64;
+    let period = period as i64;
+    // A tick is never early, so it belongs to the last due time at or before
+    // it; a quarter period allows for the error of the period used.
+    let number = |elapsed: i64, p: i64| (elapsed + p / 4).div_euclid(p.max(1));
+    // Pass 1: tick numbers from the intervals, with the calibrated period
+    // (at least one more each: only the schedule of pass 2 can tell a
+    // tick owed from a stall).
+    let mut k = [0i64; TIMER_TICKS];
+    for i in 1..ticks {
+        k[i] = k[i - 1] + number(t(i) - t(i - 1), period).max(1);
+    }
+    let last = ticks - 1;
+    if k[last] == 0 {
+        skip(NAME, "no-sample-completed");
+        return;
+    }
+    // The timer's schedule: the line through the least late tick of each
+    // half of the run, so neither a late first tick nor a late last one
+    // tilts it.
+    let rough = |i: usize| t(i) - k[i] * t(last) / k[last];
+    let least_late = |from: usize, to: usize| (from..to).min_by_key(|&i| rough(i)).unwrap_or(from);
+    let a = least_late(0, ticks / 2);
+    let b = least_late(ticks / 2, ticks);
+    let (span, periods) = (t(b) - t(a), k[b] - k[a]);
+    if periods <= 0 || span <= 0 {
+        skip(NAME, "no-sample-completed");
+        return;
+    }
+    // Pass 2: each tick against that schedule. Two ticks may share a due
+    // time: a tick owed from a stall, delivered late.
+    let p = span / periods;
+    let mut s = Samples::new();
+    for i in 0..ticks {
+        let due = number(t(i) - t(a), p) * span / periods;
+        // Below the schedule only by its error: on time.
+        s.push((t(i) - t(a) - due).max(0) as u64);
+    }
+    s.report(NAME);
 }
 
 /// The value of `key=` on the command line, if any.
@@ -292,6 +598,10 @@ fn main(boot: &'static Boot) -> ! {
     for v in [V_SELF, V_IPI, V_MSI, V_RING] {
         cpu::set_handler(v, stamp);
     }
+    cpu::set_handler(V_TIMER, tick);
+    cpu::set_handler(V_CHAIN_IPI, chain);
+    cpu::set_handler(V_CHAIN_RING, chain);
+    cpu::set_handler(V_LINE, line_stamp);
     if let Some(n) = option(boot, "samples").and_then(number) {
         SAMPLES.store(n.clamp(1, MAX_SAMPLES) as u32, Ordering::Relaxed);
     }
@@ -325,6 +635,21 @@ fn main(boot: &'static Boot) -> ! {
     }
     if wanted("device-msi") {
         device_msi();
+    }
+    if wanted("device-roundtrip") {
+        device_roundtrip();
+    }
+    if wanted("device-line") {
+        device_line(boot);
+    }
+    if wanted("timer-late") {
+        timer_late();
+    }
+    if wanted("irq-rate") {
+        irq_rate();
+    }
+    if wanted("device-rate") {
+        device_rate();
     }
     Line::new().s("BENCH-END").print();
     guest_runtime::exit(0)

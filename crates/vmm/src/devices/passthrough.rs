@@ -10,7 +10,11 @@
 //! already-serviced device, and loses no event.
 //!
 //! The emulated device counts events; its line is asserted while any is
-//! pending. A generator thread produces the events the guest asked for.
+//! pending. One generator thread, started with the device, produces the
+//! events each start asks for (no thread is created per start, so one
+//! event on request costs what a device's interrupt costs). The device is
+//! idle again as soon as the last event is pending, so a guest that takes
+//! one event per start can start the next from its handler's return.
 //!
 //! | port   | access  | meaning                                                     |
 //! |--------|---------|-------------------------------------------------------------|
@@ -23,7 +27,7 @@
 //! The guest's line is GSI [`GSI`] (IOAPIC pin 19, level, active high).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use virq_kvm::sources::{InterruptSources, LevelSource, SourceError};
@@ -53,12 +57,39 @@ struct Line {
     /// The host line is masked: its interrupt was forwarded and the guest
     /// has not acknowledged it yet.
     host_masked: bool,
-    /// A generator is running.
+    /// A start is under way.
     busy: bool,
+    /// A start the generator has not taken yet: events and their gap.
+    request: Option<(u32, Duration)>,
+}
+
+impl Line {
+    /// Takes a start of `events` events `gap` apart; false if refused (a
+    /// bad count, or a start under way).
+    fn start(&mut self, events: u32, gap: Duration) -> bool {
+        if events == 0 || events > MAX_EVENTS || self.busy {
+            return false;
+        }
+        self.busy = true;
+        self.produced = 0;
+        self.request = Some((events, gap));
+        true
+    }
+
+    /// The device produces one event; the last one of a start ends it.
+    fn produce(&mut self, last: bool) {
+        self.pending = self.pending.saturating_add(1);
+        self.produced = self.produced.saturating_add(1);
+        if last {
+            self.busy = false;
+        }
+    }
 }
 
 struct Shared {
     line: Mutex<Line>,
+    /// Signalled on a start and on stop.
+    wake: Condvar,
     source: LevelSource,
     stop: AtomicBool,
 }
@@ -83,8 +114,7 @@ impl Shared {
 pub struct PassthroughLine {
     shared: Arc<Shared>,
     interval_us: u32,
-    resampler: Option<JoinHandle<()>>,
-    generator: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl PassthroughLine {
@@ -92,62 +122,49 @@ impl PassthroughLine {
     pub fn new(sources: &InterruptSources) -> Result<Self, SourceError> {
         let shared = Arc::new(Shared {
             line: Mutex::new(Line::default()),
+            wake: Condvar::new(),
             source: sources.level(GSI)?,
             stop: AtomicBool::new(false),
         });
-        let resampler = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("virq-line-eoi".into())
-                .spawn(move || resampler(&shared))
-                .map_err(|e| SourceError::Host("cannot start the resample thread", e))?
-        };
-        Ok(PassthroughLine {
+        let mut device = PassthroughLine {
             shared,
             interval_us: 0,
-            resampler: Some(resampler),
-            generator: None,
-        })
+            threads: Vec::new(),
+        };
+        // On an error the device is dropped, which stops what did start.
+        device.spawn("virq-line-eoi", resampler)?;
+        device.spawn("virq-line-dev", generator)?;
+        Ok(device)
+    }
+
+    fn spawn(&mut self, name: &str, body: fn(&Shared)) -> Result<(), SourceError> {
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(&shared))
+            .map_err(|e| SourceError::Host("cannot start a pass-through line thread", e))?;
+        self.threads.push(thread);
+        Ok(())
     }
 
     fn start(&mut self, events: u32) {
-        if events == 0 || events > MAX_EVENTS {
-            return;
-        }
-        {
-            let mut line = lock(&self.shared.line);
-            if line.busy {
-                return;
-            }
-            line.busy = true;
-            line.produced = 0;
-        }
-        if let Some(old) = self.generator.take() {
-            let _ = old.join();
-        }
-        let shared = self.shared.clone();
         let gap = Duration::from_micros(u64::from(self.interval_us));
-        let spawned = std::thread::Builder::new()
-            .name("virq-line-dev".into())
-            .spawn(move || generate(&shared, events, gap));
-        match spawned {
-            Ok(t) => self.generator = Some(t),
-            Err(e) => {
-                tracing::warn!("pass-through line: cannot start the generator: {e}");
-                lock(&self.shared.line).busy = false;
-            }
+        if lock(&self.shared.line).start(events, gap) {
+            self.shared.wake.notify_one();
         }
     }
 }
 
 impl Drop for PassthroughLine {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let _ = self.shared.source.resample_fd().write(1);
-        for t in [self.generator.take(), self.resampler.take()]
-            .into_iter()
-            .flatten()
         {
+            // Under the lock, so the generator cannot miss the wake-up.
+            let _line = lock(&self.shared.line);
+            self.shared.stop.store(true, Ordering::Release);
+        }
+        self.shared.wake.notify_all();
+        let _ = self.shared.source.resample_fd().write(1);
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -175,24 +192,40 @@ impl PioDevice for PassthroughLine {
     }
 }
 
-/// The emulated hardware: `events` events, `gap` apart.
-fn generate(shared: &Shared, events: u32, gap: Duration) {
-    for _ in 0..events {
-        if shared.stop.load(Ordering::Acquire) {
-            break;
-        }
-        {
+/// The emulated hardware: waits for a start, then produces its events.
+fn generator(shared: &Shared) {
+    loop {
+        let (events, gap) = {
             let mut line = lock(&shared.line);
-            line.pending = line.pending.saturating_add(1);
-            line.produced += 1;
-            shared.host_irq(&mut line);
+            loop {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Some(request) = line.request.take() {
+                    break request;
+                }
+                line = shared.wake.wait(line).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        generate(shared, events, gap);
+    }
+}
+
+/// One start: `events` events, `gap` apart.
+fn generate(shared: &Shared, events: u32, gap: Duration) {
+    for i in 1..=events {
+        let mut line = lock(&shared.line);
+        if shared.stop.load(Ordering::Acquire) {
+            return;
         }
-        if !gap.is_zero() {
+        line.produce(i == events);
+        shared.host_irq(&mut line);
+        drop(line);
+        if !gap.is_zero() && i < events {
             // The device's own pace, not a synchronisation.
             std::thread::sleep(gap);
         }
     }
-    lock(&shared.line).busy = false;
 }
 
 /// Unmasks the host line on each guest acknowledgement.
@@ -204,5 +237,36 @@ fn resampler(shared: &Shared) {
         let mut line = lock(&shared.line);
         line.host_masked = false;
         shared.host_irq(&mut line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_is_bounded_and_refused_while_one_is_under_way() {
+        let mut line = Line::default();
+        assert!(!line.start(0, Duration::ZERO));
+        assert!(!line.start(MAX_EVENTS + 1, Duration::ZERO));
+        assert!(line.start(2, Duration::ZERO));
+        assert!(!line.start(1, Duration::ZERO), "busy");
+        assert_eq!(line.request.take(), Some((2, Duration::ZERO)));
+    }
+
+    #[test]
+    fn the_last_event_ends_the_start_at_once() {
+        let mut line = Line::default();
+        assert!(line.start(2, Duration::ZERO));
+        line.request = None;
+        line.produce(false);
+        assert!(line.busy);
+        line.produce(true);
+        // Idle while its event is still pending: the guest may start again
+        // as soon as it has seen the interrupt.
+        assert!(!line.busy);
+        assert_eq!((line.pending, line.produced), (2, 2));
+        assert!(line.start(1, Duration::ZERO));
+        assert_eq!(line.produced, 0);
     }
 }
