@@ -183,6 +183,35 @@ fn pit_ticks_reach_ioapic_pin_2_and_reinject_waits_for_the_edge_eoi() {
 }
 
 #[test]
+fn a_pit_pin_retargeted_while_a_tick_is_in_flight_keeps_ticking() {
+    let mut c = chipset(1, LapicPlacement::External);
+    mask_pics(&mut c);
+    set_rte(&mut c, 2, 0x30, 0);
+    program_pit(&mut c, 1193, 0); // ~1 ms
+    let first = c.next_deadline().expect("PIT armed");
+    c.advance(first);
+    assert_eq!(c.counts().pit, 1);
+    // The guest gives the pin a new vector; the EOI of the old one no
+    // longer names the pin, so this tick's acknowledgement is lost.
+    set_rte(&mut c, 2, 0x31, 0);
+    c.external_lapic_eoi(0x30, true, first + 1);
+    assert!(!events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+    let mut now = first;
+    while c.counts().pit == 1 {
+        now = c.next_deadline().expect("still armed");
+        assert!(
+            now <= first + crate::pit::ACK_TIMEOUT_MIN_NS,
+            "stopped at {now}"
+        );
+        c.advance(now);
+    }
+    assert_eq!(c.counts().pit, 2, "ticks resume");
+    // The new vector's EOI acknowledges as usual.
+    c.external_lapic_eoi(0x31, true, now + 1);
+    assert!(events(&mut c).contains(&ChipEvent::GsiAcked(0)));
+}
+
+#[test]
 fn unmasking_the_pit_pin_drops_the_backlog() {
     let mut c = chipset(1, LapicPlacement::Model);
     enable_lapics(&mut c);

@@ -37,6 +37,13 @@
 //!   replays at most two seconds of ticks, one per guest ack, each at
 //!   least a minimum period after the last ack. Two seconds, not one, so
 //!   a stall of about a second (a VMM stopped and continued) loses nothing.
+//! - A tick not acknowledged within [`ACK_TIMEOUT_PERIODS`] periods (at
+//!   least [`ACK_TIMEOUT_MIN_NS`]) is given up and the next owed one goes
+//!   out: an acknowledgement can be lost (the guest gave the pin another
+//!   vector while a tick was in flight; a LAPIC outside the model dropped
+//!   the EOI), and it must not stop the timer for good. KVM's PIT waits
+//!   forever. The cost: a guest that keeps a tick pending longer than that
+//!   may see it merged with the next one.
 
 mod channel;
 mod state;
@@ -54,6 +61,14 @@ pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
 
 /// Default minimum period of a periodic IRQ0 timer (KVM's default).
 pub const DEFAULT_MIN_PERIOD_NS: u64 = 200_000;
+
+/// Periods an IRQ0 tick may stay unacknowledged under reinject before it
+/// is taken as lost.
+pub const ACK_TIMEOUT_PERIODS: u64 = 4;
+
+/// The shortest wait for an acknowledgement under reinject, whatever the
+/// period.
+pub const ACK_TIMEOUT_MIN_NS: u64 = 10_000_000;
 
 /// Window of missed ticks kept under reinject: at most this much time's
 /// worth of ticks is owed to the guest.
@@ -191,6 +206,8 @@ struct Irq0 {
     expirations: u64,
     backlog: u32,
     in_flight: bool,
+    /// When the tick now in flight went out.
+    in_flight_since_ns: u64,
     backlog_due_ns: u64,
 }
 
@@ -397,10 +414,13 @@ impl Pit {
         let expiry = self
             .schedule()
             .and_then(|s| self.expiry_time(s, self.irq0.expirations.saturating_add(1)));
-        let owed = (self.policy == LostTickPolicy::Reinject
-            && self.irq0.backlog > 0
-            && !self.irq0.in_flight)
-            .then_some(self.irq0.backlog_due_ns);
+        let owed = (self.policy == LostTickPolicy::Reinject && self.irq0.backlog > 0).then(|| {
+            if self.irq0.in_flight {
+                self.ack_deadline()
+            } else {
+                self.irq0.backlog_due_ns
+            }
+        });
         match (expiry, owed) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -431,15 +451,32 @@ impl Pit {
                     let owed = u64::from(self.irq0.backlog).saturating_add(new).min(cap);
                     self.irq0.backlog = u32::try_from(owed).unwrap_or(u32::MAX);
                 }
+                if self.irq0.in_flight && now_ns >= self.ack_deadline() {
+                    self.irq0.in_flight = false;
+                    self.irq0.backlog_due_ns = now_ns;
+                }
                 let owed_not_yet_due = new == 0 && now_ns < self.irq0.backlog_due_ns;
                 if self.irq0.in_flight || self.irq0.backlog == 0 || owed_not_yet_due {
                     return false;
                 }
                 self.irq0.backlog -= 1;
                 self.irq0.in_flight = true;
+                self.irq0.in_flight_since_ns = now_ns;
                 true
             }
         }
+    }
+
+    /// When the tick in flight is given up if still unacknowledged.
+    fn ack_deadline(&self) -> u64 {
+        let periods = self.schedule().map_or(0, |s| {
+            let ns = s
+                .period_ns()
+                .saturating_mul(u128::from(ACK_TIMEOUT_PERIODS));
+            u64::try_from(ns).unwrap_or(u64::MAX)
+        });
+        let wait = periods.max(ACK_TIMEOUT_MIN_NS);
+        self.irq0.in_flight_since_ns.saturating_add(wait)
     }
 
     /// The guest acknowledged the last IRQ0 (PIC EOI/auto-EOI or IOAPIC EOI
@@ -484,6 +521,7 @@ impl Pit {
             policy: self.policy,
             backlog: self.irq0.backlog,
             irq0_in_flight: self.irq0.in_flight,
+            irq0_in_flight_since_ns: self.irq0.in_flight_since_ns,
             backlog_due_ns: self.irq0.backlog_due_ns,
             irq0_epoch_ns: self.irq0.epoch_ns,
             irq0_expirations: self.irq0.expirations,
@@ -510,6 +548,7 @@ impl Pit {
             expirations: state.irq0_expirations,
             backlog: state.backlog,
             in_flight: state.irq0_in_flight,
+            in_flight_since_ns: state.irq0_in_flight_since_ns,
             backlog_due_ns: state.backlog_due_ns,
         };
         let cap = self.schedule().map_or(1, Schedule::backlog_cap);

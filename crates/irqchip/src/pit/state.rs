@@ -61,6 +61,10 @@ pub struct PitState {
     pub backlog: u32,
     /// An IRQ0 pulse was delivered and not yet acknowledged (KVM's `!irq_ack`).
     pub irq0_in_flight: bool,
+    /// Virtual time (ns) the unacknowledged pulse went out (states saved
+    /// before this field existed read 0: the pulse counts as long overdue).
+    #[serde(default)]
+    pub irq0_in_flight_since_ns: u64,
     /// Virtual time (ns) from which the next owed tick may be delivered (the last ack).
     pub backlog_due_ns: u64,
     /// Virtual time (ns) counter 0's IRQ0 expirations are counted from

@@ -546,6 +546,82 @@ fn reinject_injects_next_tick_only_after_ack() {
     assert!(!pit.advance(due + 1), "one outstanding at most");
 }
 
+#[test]
+fn a_tick_never_acknowledged_is_given_up_and_the_next_goes_out() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 1193, 0); // ~1 ms: the 10 ms floor applies
+    let first = at_tick(1193);
+    assert!(pit.advance(first));
+    let give_up = first + ACK_TIMEOUT_MIN_NS;
+    // Every expiry before the give-up is owed, none goes out.
+    let mut t = first;
+    while let Some(next) = pit.next_deadline().filter(|&d| d < give_up) {
+        assert!(next > t, "the deadline moves on");
+        t = next;
+        assert!(!pit.advance(t), "no tick while one is in flight at {t}");
+    }
+    assert_eq!(
+        pit.next_deadline(),
+        Some(give_up),
+        "the give-up is scheduled"
+    );
+    assert!(pit.advance(give_up), "the lost tick is given up");
+    assert!(!pit.advance(give_up + 1), "the new tick waits for its ack");
+    // An ack of the new tick lets the rest of the backlog through as usual.
+    pit.irq0_acked(give_up + 2);
+    let (delivered, end) = drain(&mut pit, give_up + 2 + DEFAULT_MIN_PERIOD_NS);
+    assert_eq!(
+        delivered + 2,
+        expired_by(1193, end),
+        "only the lost one is missing"
+    );
+}
+
+#[test]
+fn a_slow_acknowledgement_loses_no_tick() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 1193, 0);
+    let first = at_tick(1193);
+    assert!(pit.advance(first));
+    // The guest keeps interrupts off for 9 ms, under the 10 ms bound.
+    let ack = first + 9_000_000;
+    for k in 2..=9 {
+        assert!(!pit.advance(at_tick(1193 * k)));
+    }
+    pit.irq0_acked(ack);
+    let (delivered, end) = drain(&mut pit, ack + DEFAULT_MIN_PERIOD_NS);
+    assert_eq!(delivered + 1, expired_by(1193, end), "every tick delivered");
+}
+
+#[test]
+fn a_long_period_waits_four_periods_for_its_ack() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 59_659, 0); // 50 ms
+    let first = at_tick(59_659);
+    assert!(pit.advance(first));
+    for k in 2..=4 {
+        assert!(!pit.advance(at_tick(59_659 * k)), "period {k}");
+    }
+    let give_up = first + 4 * 59_659 * 1_000_000_000 / PIT_FREQUENCY_HZ;
+    let next = pit.next_deadline().expect("armed");
+    assert!(next.abs_diff(give_up) <= 1, "{next} vs {give_up}");
+    assert!(pit.advance(next));
+}
+
+#[test]
+fn save_restore_keeps_when_the_tick_in_flight_went_out() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 1193, 0);
+    let first = at_tick(1193);
+    assert!(pit.advance(first));
+    let state = pit.save();
+    assert_eq!(state.irq0_in_flight_since_ns, first);
+    let mut other = Pit::new();
+    other.restore(&state).expect("valid");
+    assert!(!other.advance(first + ACK_TIMEOUT_MIN_NS - 1));
+    assert!(other.advance(first + ACK_TIMEOUT_MIN_NS));
+}
+
 /// Expirations of a `reload`-clock periodic counter 0 started at 0, by `now`.
 fn expired_by(reload: u64, now: u64) -> u64 {
     (u128::from(now) * u128::from(PIT_FREQUENCY_HZ) / (u128::from(reload) * 1_000_000_000)) as u64
@@ -888,7 +964,7 @@ proptest! {
     }
 
     #[test]
-    fn reinject_never_has_two_pulses_outstanding_and_loses_nothing(
+    fn reinject_has_two_pulses_outstanding_only_past_the_ack_timeout_and_loses_nothing(
         reload in 1u16..=65535,
         steps in prop::collection::vec((0u64..50_000_000, any::<bool>()), 1..100),
     ) {
@@ -901,8 +977,9 @@ proptest! {
                 pit.irq0_acked(now);
                 outstanding = false;
             }
+            let give_up = pit.ack_deadline();
             if pit.advance(now) {
-                prop_assert!(!outstanding, "second pulse before the ack");
+                prop_assert!(!outstanding || now >= give_up, "second pulse before the ack");
                 outstanding = true;
                 delivered += 1;
             }

@@ -181,6 +181,10 @@ impl SplitIrqchip {
         let Some(Some(entries)) = routes else {
             return Ok(());
         };
+        tracing::trace!(
+            routes = entries.len(),
+            "mirroring the IOAPIC into KVM's MSI routes"
+        );
         let routing = KvmIrqRouting::from_entries(&entries).map_err(|_| {
             Error::Ioctl("KVM_SET_GSI_ROUTING", kvm_ioctls::Error::new(libc::E2BIG))
         })?;
@@ -299,6 +303,7 @@ impl IrqchipBackend for SplitIrqchip {
     }
 
     fn on_ioapic_eoi(&self, vcpu: &mut VcpuCtx<'_>, vector: u8) {
+        tracing::trace!(vcpu = vcpu.index(), vector, "IOAPIC EOI exit");
         let broadcast = match vcpu.fd().get_lapic() {
             Ok(lapic) => !suppresses_eoi_broadcast(&lapic),
             Err(e) => {
