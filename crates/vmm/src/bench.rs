@@ -258,13 +258,14 @@ fn cpu_between(
     }
 }
 
-/// The guest command line, with `pv-eoi` added when asked for.
-fn with_pv_eoi(cmdline: &str, args: &BenchArgs) -> String {
-    match (args.pv_eoi, cmdline.is_empty()) {
-        (true, true) => "pv-eoi".to_string(),
-        (true, false) => format!("{cmdline} pv-eoi"),
-        (false, _) => cmdline.to_string(),
-    }
+/// The guest command line, with the options the bench was asked for
+/// (`pv-eoi`, `x2apic`) added; the guest uses each only where offered.
+fn guest_cmdline(cmdline: &str, args: &BenchArgs) -> String {
+    let extra = [(args.pv_eoi, "pv-eoi"), (args.x2apic, "x2apic")];
+    let words = std::iter::once(cmdline)
+        .chain(extra.iter().filter(|(on, _)| *on).map(|(_, w)| *w))
+        .filter(|w| !w.is_empty());
+    words.collect::<Vec<_>>().join(" ")
 }
 
 fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
@@ -273,7 +274,7 @@ fn virq_run(mode: IrqchipMode, cmdline: &str, args: &BenchArgs) -> Result<Run> {
         cpus: CPUS,
         ram_mib: MEMORY_MIB,
         timeout: Some(args.timeout),
-        cmdline: with_pv_eoi(cmdline, args),
+        cmdline: guest_cmdline(cmdline, args),
         serial: if args.show_serial {
             SerialOut::Stdout
         } else {
@@ -324,7 +325,7 @@ fn qemu_run(
         .arg("-kernel")
         .arg(image)
         .arg("-append")
-        .arg(with_pv_eoi(cmdline, args))
+        .arg(guest_cmdline(cmdline, args))
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x4"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1051,6 +1052,24 @@ pub fn render_svg(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_command_line_gets_the_asked_for_options() {
+        use clap::Parser;
+        let args = |extra: &[&str]| {
+            let argv = ["virq", "bench"].iter().chain(extra).copied();
+            match virq_vmm::cli::Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Some(virq_vmm::cli::Command::Bench(b))) => b,
+                other => panic!("not a bench command line: {other:?}"),
+            }
+        };
+        assert_eq!(guest_cmdline("only=ipi", &args(&[])), "only=ipi");
+        assert_eq!(guest_cmdline("", &args(&["--pv-eoi"])), "pv-eoi");
+        assert_eq!(
+            guest_cmdline("only=ipi", &args(&["--x2apic", "--pv-eoi"])),
+            "only=ipi pv-eoi x2apic"
+        );
+    }
 
     #[test]
     fn parses_figures_and_skips() {

@@ -160,6 +160,11 @@ pub struct BenchArgs {
     /// every configuration: virq's userspace LAPIC and KVM's both offer it).
     #[arg(long)]
     pub pv_eoi: bool,
+    /// Boot the benchmark guest in x2APIC mode where CPUID offers it (as
+    /// Linux does under KVM): its LAPIC accesses become MSR accesses, and
+    /// an IPI is one ICR write.
+    #[arg(long)]
+    pub x2apic: bool,
     /// Halt-poll bound for the virq userspace runs, in microseconds (0: off).
     #[arg(long, default_value_t = 200, value_parser = parse_halt_poll)]
     pub halt_poll_us: u64,
