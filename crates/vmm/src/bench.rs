@@ -32,6 +32,7 @@ pub const FIGURES: &[&str] = &[
     "device-roundtrip",
     "device-line",
     "timer-late",
+    "pit-late",
     "irq-rate",
     "device-rate",
 ];

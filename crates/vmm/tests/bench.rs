@@ -22,6 +22,7 @@ const FIGURES: &[&str] = &[
     "device-roundtrip",
     "device-line",
     "timer-late",
+    "pit-late",
 ];
 /// Rate figures every virq mode must measure.
 const RATE_FIGURES: &[&str] = &["irq-rate", "device-rate"];

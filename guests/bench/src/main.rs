@@ -39,6 +39,10 @@
 //!   due time with the tick before), and its lateness is t_i minus that
 //!   due time, 0 when the schedule's own error puts it below. A tick more
 //!   than 3/4 of a period late counts as on time for the next due time.
+//!   The first [`WARMUP_TICKS`] ticks are not measured.
+//! - `pit-late`: the same for the PIT (channel 0, mode 2, 1 kHz), IRQ 0
+//!   through the IOAPIC: a timer the VMM models itself in split mode
+//!   (virq and QEMU alike), where `timer-late` is KVM's LAPIC timer.
 //!
 //! Rates are printed as
 //!
@@ -66,7 +70,7 @@ use guest_runtime::msi::{self, Address, Data};
 use guest_runtime::ring::{self, Ring};
 use guest_runtime::serial::Line;
 use guest_runtime::time::{self, Deadline, WATCHDOG_VECTOR};
-use guest_runtime::{entry, smp, Boot};
+use guest_runtime::{entry, pit, smp, Boot};
 
 /// Samples per figure, unless `samples=N` on the command line says otherwise.
 const DEFAULT_SAMPLES: usize = 200;
@@ -95,10 +99,17 @@ const V_TIMER: u8 = 0x54;
 const V_CHAIN_IPI: u8 = 0x55;
 const V_CHAIN_RING: u8 = 0x56;
 const V_LINE: u8 = 0x57;
+const V_PIT: u8 = 0x58;
 
 /// Period of the `timer-late` timer.
 const TIMER_PERIOD_US: u64 = 1000;
-/// Most ticks `timer-late` takes (each costs a period of run time).
+/// Ticks of `timer-late` and `pit-late` taken before the measured ones:
+/// more than a reinjecting PIT needs to catch up after a lost first
+/// acknowledgement (10 ms given up, then the owed ticks).
+const WARMUP_TICKS: usize = 20;
+/// The `pit-late` PIT's reload: 1193 of 1.193182 MHz, a 1 kHz rate.
+const PIT_RELOAD: u16 = 1193;
+/// Most ticks `timer-late` and `pit-late` take (each costs a period of run time).
 const TIMER_TICKS: usize = 250;
 /// How long a rate figure's chain runs.
 const RATE_WINDOW_US: u64 = 25_000;
@@ -510,27 +521,74 @@ fn device_line(boot: &Boot) {
 }
 
 fn timer_late() {
-    const NAME: &str = "timer-late";
-    let ticks = samples().min(TIMER_TICKS);
     let period = time::tsc_per_ms() * TIMER_PERIOD_US / 1000;
+    report_lateness(
+        "timer-late",
+        period,
+        || lapic::timer_periodic(V_TIMER, time::lapic_ticks(TIMER_PERIOD_US)),
+        lapic::timer_stop,
+    );
+}
+
+/// The PIT in mode 2 at [`PIT_RELOAD`], IRQ 0 through the IOAPIC: the
+/// same lateness as `timer-late`, of a timer every VMM models itself in
+/// split mode (QEMU included), so the VMMs' own timer paths compare.
+fn pit_late(boot: &Boot) {
+    const NAME: &str = "pit-late";
+    let route = boot.platform.isa_route(0);
+    let io = boot.ioapic;
+    let pin = route.gsi.wrapping_sub(boot.platform.ioapic_gsi_base);
+    if pin >= io.pins() {
+        skip(NAME, "no-ioapic-pin");
+        return;
+    }
+    let period = time::tsc_per_ms() * u64::from(PIT_RELOAD) * 1000 / pit::FREQ_HZ;
+    let start = || {
+        io.set_redirection(
+            pin,
+            Redirection::fixed(V_PIT, lapic::id() as u8)
+                .level(route.level)
+                .active_low(route.active_low),
+        );
+        pit::set_rate(PIT_RELOAD);
+    };
+    let stop = || {
+        pit::stop();
+        io.mask(pin);
+    };
+    report_lateness(NAME, period, start, stop);
+}
+
+/// Starts a periodic timer with `start` (handler [`tick`], a tick every
+/// `period` TSC ticks), takes its ticks, stops it with `stop` and reports
+/// how late they came (see the module docs for how the schedule is found).
+fn report_lateness(name: &str, period: u64, start: impl FnOnce(), stop: impl FnOnce()) {
+    let ticks = samples().min(TIMER_TICKS);
     cli();
     TAKEN.store(0, Ordering::Relaxed);
-    let deadline = Deadline::after_us(TIMER_PERIOD_US * (ticks as u64 + 10) + SAMPLE_TIMEOUT_US);
+    start();
+    let period_us = period * 1000 / time::tsc_per_ms().max(1);
     // The timer is its own watchdog: each tick ends the HLT.
-    lapic::timer_periodic(V_TIMER, time::lapic_ticks(TIMER_PERIOD_US));
-    let done = loop {
-        cli();
-        if TAKEN.load(Ordering::Acquire) as usize >= ticks {
-            break true;
+    let take = |n: usize| {
+        let deadline = Deadline::after_us(period_us * (n as u64 + 10) + SAMPLE_TIMEOUT_US);
+        loop {
+            cli();
+            if TAKEN.load(Ordering::Acquire) as usize >= n {
+                break true;
+            }
+            if deadline.expired() {
+                break false;
+            }
+            sti_hlt();
         }
-        if deadline.expired() {
-            break false;
-        }
-        sti_hlt();
     };
-    lapic::timer_stop();
+    // Start-up is not the steady state: the first ticks are not measured.
+    let warm = take(WARMUP_TICKS);
+    TAKEN.store(0, Ordering::Relaxed);
+    let done = warm && take(ticks);
+    stop();
     if !done || period == 0 {
-        skip(NAME, "timeout");
+        skip(name, "timeout");
         return;
     }
     let first = STAMPS[0].load(Ordering::Relaxed);
@@ -549,7 +607,7 @@ fn timer_late() {
     }
     let last = ticks - 1;
     if k[last] == 0 {
-        skip(NAME, "no-sample-completed");
+        skip(name, "no-sample-completed");
         return;
     }
     // The timer's schedule: the line through the least late tick of each
@@ -561,7 +619,7 @@ fn timer_late() {
     let b = least_late(ticks / 2, ticks);
     let (span, periods) = (t(b) - t(a), k[b] - k[a]);
     if periods <= 0 || span <= 0 {
-        skip(NAME, "no-sample-completed");
+        skip(name, "no-sample-completed");
         return;
     }
     // Pass 2: each tick against that schedule. Two ticks may share a due
@@ -573,7 +631,7 @@ fn timer_late() {
         // Below the schedule only by its error: on time.
         s.push((t(i) - t(a) - due).max(0) as u64);
     }
-    s.report(NAME);
+    s.report(name);
 }
 
 /// The value of `key=` on the command line, if any.
@@ -599,6 +657,7 @@ fn main(boot: &'static Boot) -> ! {
         cpu::set_handler(v, stamp);
     }
     cpu::set_handler(V_TIMER, tick);
+    cpu::set_handler(V_PIT, tick);
     cpu::set_handler(V_CHAIN_IPI, chain);
     cpu::set_handler(V_CHAIN_RING, chain);
     cpu::set_handler(V_LINE, line_stamp);
@@ -612,6 +671,8 @@ fn main(boot: &'static Boot) -> ! {
     Line::new()
         .s("# bench guest: pv-eoi=")
         .b(pv_eoi)
+        .s(" x2apic=")
+        .b(lapic::is_x2apic())
         .s(" cpus=")
         .u(boot.platform.cpu_count as u64)
         .s(" samples=")
@@ -644,6 +705,9 @@ fn main(boot: &'static Boot) -> ! {
     }
     if wanted("timer-late") {
         timer_late();
+    }
+    if wanted("pit-late") {
+        pit_late(boot);
     }
     if wanted("irq-rate") {
         irq_rate();
