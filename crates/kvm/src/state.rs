@@ -410,6 +410,7 @@ pub fn pit_from_kvm(state: &kvm_pit_state2, clock: &ClockMap) -> PitState {
         backlog: 0,
         irq0_in_flight: false,
         irq0_in_flight_since_ns: 0,
+        irq0_in_flight_periods: 0,
         backlog_due_ns: 0,
         irq0_epoch_ns,
         irq0_expirations,

@@ -227,6 +227,8 @@ impl Chipset {
         }
         let mut pit = Pit::new();
         pit.set_policy(config.pit_policy);
+        // Our own LAPICs never lose an EOI; an external one may hold it back.
+        pit.set_give_up_lost_acks(matches!(config.lapics, LapicPlacement::External));
         Ok(Self {
             pit,
             pic: Pic::new(),

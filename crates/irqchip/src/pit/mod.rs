@@ -37,13 +37,14 @@
 //!   replays at most two seconds of ticks, one per guest ack, each at
 //!   least a minimum period after the last ack. Two seconds, not one, so
 //!   a stall of about a second (a VMM stopped and continued) loses nothing.
-//! - A tick not acknowledged within [`ACK_TIMEOUT_PERIODS`] periods (at
-//!   least [`ACK_TIMEOUT_MIN_NS`]) is given up and the next owed one goes
-//!   out: an acknowledgement can be lost (the guest gave the pin another
-//!   vector while a tick was in flight; a LAPIC outside the model dropped
-//!   the EOI), and it must not stop the timer for good. KVM's PIT waits
-//!   forever. The cost: a guest that keeps a tick pending longer than that
-//!   may see it merged with the next one.
+//! - With [`Pit::set_give_up_lost_acks`] (for LAPICs outside the model,
+//!   whose EOIs can be held back or lost on the way), a tick not
+//!   acknowledged while [`ACK_TIMEOUT_PERIODS`] more expiries were seen,
+//!   each in its own `advance`, and for at least [`ACK_TIMEOUT_MIN_NS`], is
+//!   given up and the next owed one goes out, so a lost acknowledgement
+//!   cannot stop the timer for good. A host stall is one `advance`, however
+//!   long. The cost: a tick the guest keeps pending longer than that may be
+//!   merged with the next one, so the default is KVM's: wait forever.
 
 mod channel;
 mod state;
@@ -62,9 +63,9 @@ pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
 /// Default minimum period of a periodic IRQ0 timer (KVM's default).
 pub const DEFAULT_MIN_PERIOD_NS: u64 = 200_000;
 
-/// Periods an IRQ0 tick may stay unacknowledged under reinject before it
-/// is taken as lost.
-pub const ACK_TIMEOUT_PERIODS: u64 = 4;
+/// Expiries, each seen by its own `advance`, an IRQ0 tick may stay
+/// unacknowledged under reinject before it is taken as lost.
+pub const ACK_TIMEOUT_PERIODS: u32 = 4;
 
 /// The shortest wait for an acknowledgement under reinject, whatever the
 /// period.
@@ -208,6 +209,8 @@ struct Irq0 {
     in_flight: bool,
     /// When the tick now in flight went out.
     in_flight_since_ns: u64,
+    /// `advance` calls that saw expiries since the tick in flight went out.
+    in_flight_periods: u32,
     backlog_due_ns: u64,
 }
 
@@ -219,6 +222,8 @@ pub struct Pit {
     port61_check_enables: u8,
     policy: LostTickPolicy,
     min_period_ns: u64,
+    /// Give up an unacknowledged tick (configuration, not state).
+    give_up_lost_acks: bool,
     irq0: Irq0,
 }
 
@@ -238,6 +243,7 @@ impl Pit {
             port61_check_enables: 0,
             policy: LostTickPolicy::Reinject,
             min_period_ns: DEFAULT_MIN_PERIOD_NS,
+            give_up_lost_acks: false,
             irq0: Irq0::default(),
         }
     }
@@ -339,6 +345,12 @@ impl Pit {
         }
     }
 
+    /// Whether reinject gives up a tick whose acknowledgement is overdue
+    /// (see the module docs); off by default, as in KVM.
+    pub fn set_give_up_lost_acks(&mut self, on: bool) {
+        self.give_up_lost_acks = on;
+    }
+
     /// Minimum period of the IRQ0 timer for periodic modes (default 200_000 ns,
     /// as KVM), so a guest cannot burn a host CPU. Counter reads still follow
     /// the programmed count. A change re-phases a running periodic timer from
@@ -414,13 +426,10 @@ impl Pit {
         let expiry = self
             .schedule()
             .and_then(|s| self.expiry_time(s, self.irq0.expirations.saturating_add(1)));
-        let owed = (self.policy == LostTickPolicy::Reinject && self.irq0.backlog > 0).then(|| {
-            if self.irq0.in_flight {
-                self.ack_deadline()
-            } else {
-                self.irq0.backlog_due_ns
-            }
-        });
+        let owed = (self.policy == LostTickPolicy::Reinject
+            && self.irq0.backlog > 0
+            && !self.irq0.in_flight)
+            .then_some(self.irq0.backlog_due_ns);
         match (expiry, owed) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -451,9 +460,12 @@ impl Pit {
                     let owed = u64::from(self.irq0.backlog).saturating_add(new).min(cap);
                     self.irq0.backlog = u32::try_from(owed).unwrap_or(u32::MAX);
                 }
-                if self.irq0.in_flight && now_ns >= self.ack_deadline() {
-                    self.irq0.in_flight = false;
-                    self.irq0.backlog_due_ns = now_ns;
+                if self.give_up_lost_acks && self.irq0.in_flight && new > 0 {
+                    self.irq0.in_flight_periods = self.irq0.in_flight_periods.saturating_add(1);
+                    if self.ack_overdue(now_ns) {
+                        self.irq0.in_flight = false;
+                        self.irq0.backlog_due_ns = now_ns;
+                    }
                 }
                 let owed_not_yet_due = new == 0 && now_ns < self.irq0.backlog_due_ns;
                 if self.irq0.in_flight || self.irq0.backlog == 0 || owed_not_yet_due {
@@ -462,21 +474,20 @@ impl Pit {
                 self.irq0.backlog -= 1;
                 self.irq0.in_flight = true;
                 self.irq0.in_flight_since_ns = now_ns;
+                self.irq0.in_flight_periods = 0;
                 true
             }
         }
     }
 
-    /// When the tick in flight is given up if still unacknowledged.
-    fn ack_deadline(&self) -> u64 {
-        let periods = self.schedule().map_or(0, |s| {
-            let ns = s
-                .period_ns()
-                .saturating_mul(u128::from(ACK_TIMEOUT_PERIODS));
-            u64::try_from(ns).unwrap_or(u64::MAX)
-        });
-        let wait = periods.max(ACK_TIMEOUT_MIN_NS);
-        self.irq0.in_flight_since_ns.saturating_add(wait)
+    /// Whether the tick in flight has waited long enough to be given up.
+    fn ack_overdue(&self, now_ns: u64) -> bool {
+        self.irq0.in_flight_periods >= ACK_TIMEOUT_PERIODS
+            && now_ns
+                >= self
+                    .irq0
+                    .in_flight_since_ns
+                    .saturating_add(ACK_TIMEOUT_MIN_NS)
     }
 
     /// The guest acknowledged the last IRQ0 (PIC EOI/auto-EOI or IOAPIC EOI
@@ -522,6 +533,7 @@ impl Pit {
             backlog: self.irq0.backlog,
             irq0_in_flight: self.irq0.in_flight,
             irq0_in_flight_since_ns: self.irq0.in_flight_since_ns,
+            irq0_in_flight_periods: self.irq0.in_flight_periods,
             backlog_due_ns: self.irq0.backlog_due_ns,
             irq0_epoch_ns: self.irq0.epoch_ns,
             irq0_expirations: self.irq0.expirations,
@@ -549,6 +561,7 @@ impl Pit {
             backlog: state.backlog,
             in_flight: state.irq0_in_flight,
             in_flight_since_ns: state.irq0_in_flight_since_ns,
+            in_flight_periods: state.irq0_in_flight_periods,
             backlog_due_ns: state.backlog_due_ns,
         };
         let cap = self.schedule().map_or(1, Schedule::backlog_cap);

@@ -65,6 +65,10 @@ pub struct PitState {
     /// before this field existed read 0: the pulse counts as long overdue).
     #[serde(default)]
     pub irq0_in_flight_since_ns: u64,
+    /// `advance` calls that saw expiries since that pulse went out (older
+    /// states read 0).
+    #[serde(default)]
+    pub irq0_in_flight_periods: u32,
     /// Virtual time (ns) from which the next owed tick may be delivered (the last ack).
     pub backlog_due_ns: u64,
     /// Virtual time (ns) counter 0's IRQ0 expirations are counted from

@@ -546,30 +546,48 @@ fn reinject_injects_next_tick_only_after_ack() {
     assert!(!pit.advance(due + 1), "one outstanding at most");
 }
 
+/// A PIT that gives up lost acknowledgements, as for external LAPICs.
+fn giving_up() -> Pit {
+    let mut pit = Pit::new();
+    pit.set_give_up_lost_acks(true);
+    pit
+}
+
+#[test]
+fn by_default_an_unacknowledged_tick_is_waited_for_forever() {
+    let mut pit = Pit::new();
+    program(&mut pit, 0, 2, 1193, 0);
+    assert!(pit.advance(at_tick(1193)));
+    for k in 2..=2000 {
+        assert!(!pit.advance(at_tick(1193 * k)), "expiry {k}");
+    }
+    assert!(pit.backlog() > 1000);
+}
+
 #[test]
 fn a_tick_never_acknowledged_is_given_up_and_the_next_goes_out() {
-    let mut pit = Pit::new();
+    let mut pit = giving_up();
     program(&mut pit, 0, 2, 1193, 0); // ~1 ms: the 10 ms floor applies
     let first = at_tick(1193);
     assert!(pit.advance(first));
-    let give_up = first + ACK_TIMEOUT_MIN_NS;
-    // Every expiry before the give-up is owed, none goes out.
-    let mut t = first;
-    while let Some(next) = pit.next_deadline().filter(|&d| d < give_up) {
-        assert!(next > t, "the deadline moves on");
-        t = next;
-        assert!(!pit.advance(t), "no tick while one is in flight at {t}");
-    }
-    assert_eq!(
-        pit.next_deadline(),
-        Some(give_up),
-        "the give-up is scheduled"
+    // Every expiry is owed, none goes out, until 10 ms have passed.
+    let mut now = first;
+    let given_up = loop {
+        now = pit.next_deadline().expect("armed");
+        if pit.advance(now) {
+            break now;
+        }
+        assert!(now < first + ACK_TIMEOUT_MIN_NS, "still waiting at {now}");
+    };
+    assert!(given_up >= first + ACK_TIMEOUT_MIN_NS);
+    assert!(
+        given_up < first + ACK_TIMEOUT_MIN_NS + 1_000_000,
+        "the next expiry"
     );
-    assert!(pit.advance(give_up), "the lost tick is given up");
-    assert!(!pit.advance(give_up + 1), "the new tick waits for its ack");
+    assert!(!pit.advance(given_up + 1), "the new tick waits for its ack");
     // An ack of the new tick lets the rest of the backlog through as usual.
-    pit.irq0_acked(give_up + 2);
-    let (delivered, end) = drain(&mut pit, give_up + 2 + DEFAULT_MIN_PERIOD_NS);
+    pit.irq0_acked(given_up + 2);
+    let (delivered, end) = drain(&mut pit, given_up + 2 + DEFAULT_MIN_PERIOD_NS);
     assert_eq!(
         delivered + 2,
         expired_by(1193, end),
@@ -579,7 +597,7 @@ fn a_tick_never_acknowledged_is_given_up_and_the_next_goes_out() {
 
 #[test]
 fn a_slow_acknowledgement_loses_no_tick() {
-    let mut pit = Pit::new();
+    let mut pit = giving_up();
     program(&mut pit, 0, 2, 1193, 0);
     let first = at_tick(1193);
     assert!(pit.advance(first));
@@ -595,31 +613,60 @@ fn a_slow_acknowledgement_loses_no_tick() {
 
 #[test]
 fn a_long_period_waits_four_periods_for_its_ack() {
-    let mut pit = Pit::new();
+    let mut pit = giving_up();
     program(&mut pit, 0, 2, 59_659, 0); // 50 ms
-    let first = at_tick(59_659);
-    assert!(pit.advance(first));
+    assert!(pit.advance(at_tick(59_659)));
     for k in 2..=4 {
         assert!(!pit.advance(at_tick(59_659 * k)), "period {k}");
     }
-    let give_up = first + 4 * 59_659 * 1_000_000_000 / PIT_FREQUENCY_HZ;
-    let next = pit.next_deadline().expect("armed");
-    assert!(next.abs_diff(give_up) <= 1, "{next} vs {give_up}");
-    assert!(pit.advance(next));
+    assert!(pit.advance(at_tick(59_659 * 5)), "given up four periods on");
 }
 
 #[test]
-fn save_restore_keeps_when_the_tick_in_flight_went_out() {
-    let mut pit = Pit::new();
+fn a_host_stall_leaves_the_guest_time_to_take_its_tick() {
+    let mut pit = giving_up();
+    program(&mut pit, 0, 2, 11_932, 0); // 10 ms
+    let first = at_tick(11_932);
+    assert!(pit.advance(first));
+    // The VMM stops for a second: one late look sees a hundred expiries.
+    let back = first + 1_000_000_000;
+    assert!(!pit.advance(back));
+    for k in 1..=2 {
+        assert!(
+            !pit.advance(back + k * 10_000_000),
+            "only {k} periods since"
+        );
+    }
+    // The guest takes it once it runs again: nothing is lost.
+    let ack = back + 25_000_000;
+    pit.irq0_acked(ack);
+    let (delivered, end) = drain(&mut pit, ack + DEFAULT_MIN_PERIOD_NS);
+    assert_eq!(
+        delivered + 1,
+        expired_by(11_932, end),
+        "every tick delivered"
+    );
+}
+
+#[test]
+fn save_restore_keeps_the_tick_in_flight_and_its_wait() {
+    let mut pit = giving_up();
     program(&mut pit, 0, 2, 1193, 0);
     let first = at_tick(1193);
     assert!(pit.advance(first));
+    for k in 2..=6 {
+        assert!(!pit.advance(at_tick(1193 * k)));
+    }
     let state = pit.save();
     assert_eq!(state.irq0_in_flight_since_ns, first);
-    let mut other = Pit::new();
+    assert_eq!(state.irq0_in_flight_periods, 5);
+    let mut other = giving_up();
     other.restore(&state).expect("valid");
-    assert!(!other.advance(first + ACK_TIMEOUT_MIN_NS - 1));
-    assert!(other.advance(first + ACK_TIMEOUT_MIN_NS));
+    assert_eq!(other, pit);
+    for k in 7..=11 {
+        assert!(!other.advance(at_tick(1193 * k)), "expiry {k}: under 10 ms");
+    }
+    assert!(other.advance(at_tick(1193 * 12)));
 }
 
 /// Expirations of a `reload`-clock periodic counter 0 started at 0, by `now`.
@@ -964,7 +1011,7 @@ proptest! {
     }
 
     #[test]
-    fn reinject_has_two_pulses_outstanding_only_past_the_ack_timeout_and_loses_nothing(
+    fn reinject_never_has_two_pulses_outstanding_and_loses_nothing(
         reload in 1u16..=65535,
         steps in prop::collection::vec((0u64..50_000_000, any::<bool>()), 1..100),
     ) {
@@ -977,9 +1024,8 @@ proptest! {
                 pit.irq0_acked(now);
                 outstanding = false;
             }
-            let give_up = pit.ack_deadline();
             if pit.advance(now) {
-                prop_assert!(!outstanding || now >= give_up, "second pulse before the ack");
+                prop_assert!(!outstanding, "second pulse before the ack");
                 outstanding = true;
                 delivered += 1;
             }
