@@ -571,9 +571,8 @@ fn a_tick_never_acknowledged_is_given_up_and_the_next_goes_out() {
     let first = at_tick(1193);
     assert!(pit.advance(first));
     // Every expiry is owed, none goes out, until 10 ms have passed.
-    let mut now = first;
     let given_up = loop {
-        now = pit.next_deadline().expect("armed");
+        let now = pit.next_deadline().expect("armed");
         if pit.advance(now) {
             break now;
         }
