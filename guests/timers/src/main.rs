@@ -222,7 +222,7 @@ fn elapsed_us(clocks: Clocks, start: u64) -> u64 {
     (rdtsc() - start) * 1000 / clocks.tsc_per_ms.max(1)
 }
 
-/// The PIT programmed for ~1.7 us periods fires at most every 200 us.
+/// The PIT programmed for ~50 us periods fires at most every 200 us.
 fn pit_min_period(clocks: Clocks) {
     let window = clocks.tsc_per_ms * 100;
     PIT_TICKS.store(0, Ordering::Release);
